@@ -1,0 +1,35 @@
+# mame_lightning — every target sets itself up (a local .venv) on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup test test-fast demo bench bench-prepare clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/python -m mame_lightning.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+bench-prepare: $(STAMP)
+	$(BIN)/python bench/bench_prepare.py
+
+clean:
+	rm -rf $(VENV) outputs/* data/
