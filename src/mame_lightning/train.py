@@ -1,0 +1,23 @@
+"""Train a model: `python -m mame_lightning.train [dataset=...] [task=...] [model=...] [key=value ...]`.
+
+Composes conf/train.yaml with the command-line overrides and hands it to
+`mame_lightning.training.train`. `-m` runs a sweep (each job in its own folder) and writes a
+summary table at the end. Add your own config folder with `--config-dir DIR`.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from mame_lightning.training import train
+
+    result = train(cfg)
+    return result
+
+
+if __name__ == "__main__":
+    main()

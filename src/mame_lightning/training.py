@@ -1,0 +1,157 @@
+"""Build everything a run needs from the composed config, fit, export, and record the result.
+
+The entry point (`python -m mame_lightning.train`) only composes the config and calls `train(cfg)`;
+tests and sweeps call the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run folder: Hydra's output dir (hydra.run.dir), also the trainer's default_root_dir."""
+    return Path(cfg.trainer.default_root_dir)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path=` wins; `resume=auto` picks the run folder's last.ckpt when there is one."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={path} does not exist")
+        return str(path)
+    if cfg.get("resume") == "auto":
+        last = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("resume=auto: continuing from %s", last)
+            return str(last)
+        log.info("resume=auto: no %s yet, starting fresh", last)
+    elif cfg.get("resume") not in (None, "auto"):
+        raise ValueError(f"resume must be null or 'auto', got {cfg.resume!r}")
+    return None
+
+
+def build_components(cfg: DictConfig):
+    """Model components from conf/model, with the precision group's dtype for frozen parts."""
+    kwargs: dict[str, Any] = {}
+    frozen = cfg.precision.get("frozen_dtype")
+    if frozen and "frozen_dtype" in cfg.model and cfg.model.frozen_dtype is None:
+        kwargs["frozen_dtype"] = frozen
+    return instantiate(cfg.model, **kwargs)
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+
+def build_module(cfg: DictConfig, components):
+    optimizer = instantiate(cfg.optimizer)
+    return instantiate(cfg.task.module, components=components, optimizer=optimizer)
+
+
+def build_datamodule(cfg: DictConfig, components):
+    datamodule = instantiate(cfg.datamodule, tokenizer=components.tokenizer)
+    if cfg.dataset.get("latent_cache") and hasattr(datamodule, "set_vae"):
+        datamodule.set_vae(components.vae)
+    return datamodule
+
+
+def _final_metric(trainer: L.Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit one run described by `cfg`; returns the result record also written to result.json."""
+    started = time.time()
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    components = build_components(cfg)
+    module = build_module(cfg, components)
+    datamodule = build_datamodule(cfg, components)
+    trainer = build_trainer(cfg, build_callbacks(cfg))
+    if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
+        trainer.logger.log_hyperparams(_flat_hparams(cfg))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+
+    result = {
+        "run_dir": str(run_dir),
+        "task": cfg.task.name,
+        "global_step": int(trainer.global_step),
+        "train_loss": _final_metric(trainer, "train/loss"),
+        "val_loss": _final_metric(trainer, "val/loss"),
+        "seconds": round(time.time() - started, 2),
+        "interrupted": bool(trainer.interrupted),
+    }
+    if trainer.is_global_zero:
+        if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
+            result["export_dir"] = str(export_run(cfg, module, datamodule, run_dir / "export"))
+        _write_json(run_dir / "result.json", result)
+    return result
+
+
+def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
+    """Write the diffusers folder with the attributes and counts of the data the model saw."""
+    from mame_lightning.models.export import export_pipeline
+
+    templates = OmegaConf.to_container(cfg.dataset.get("templates") or {}, resolve=True)
+    attributes = datamodule.attributes() if hasattr(datamodule, "attributes") else {}
+    counts = datamodule.counts() if hasattr(datamodule, "counts") else {}
+    return Path(
+        export_pipeline(
+            module,
+            out_dir,
+            task=cfg.task.name,
+            templates=templates,
+            attributes=attributes,
+            train_config=OmegaConf.to_container(cfg, resolve=True),
+            data_counts=counts,
+            prepare_size=int(cfg.dataset.get("size") or 0),
+        )
+    )
+
+
+def _flat_hparams(cfg: DictConfig) -> dict:
+    """A flat view of the interesting choices for TensorBoard's hparams tab."""
+    keys = {
+        "dataset": cfg.dataset.get("name"),
+        "task": cfg.task.name,
+        "model": cfg.model.get("_target_"),
+        "precision": cfg.precision.lightning,
+        "optimizer": cfg.optimizer.get("_target_"),
+        "lr": cfg.optimizer.get("lr"),
+        "batch_size": cfg.dataset.get("batch_size"),
+        "accumulate_grad_batches": cfg.trainer.get("accumulate_grad_batches"),
+        "max_steps": cfg.trainer.get("max_steps"),
+        "seed": cfg.seed,
+    }
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
