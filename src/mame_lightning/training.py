@@ -20,6 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+# The fully resolved config of a run, readable without Hydra's runtime (export, generation).
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def save_resolved_config(cfg: DictConfig, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), tmp)
+    os.replace(tmp, path)
+
 
 def run_dir_of(cfg: DictConfig) -> Path:
     """The run folder: Hydra's output dir (hydra.run.dir), also the trainer's default_root_dir."""
@@ -84,6 +93,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, run_dir / RESOLVED_CONFIG)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
