@@ -24,8 +24,13 @@ VIEWS = ("CC", "MLO")
 LATERALITIES = ("L", "R")
 DENSITIES = ("A", "B", "C", "D")
 AREA_CLASSES = ("small", "medium", "big")
-LESION_KINDS = ("mass", "calcification")
-CATEGORY_NAMES = {"mass": "Mass", "calcification": "Suspicious Calcification"}
+LESION_KINDS = ("mass", "calcification", "calcified_mass")
+# Finding categories (VinDr-Mammo names) of each lesion kind; a box's own category is the first.
+CATEGORY_NAMES = {
+    "mass": ("Mass",),
+    "calcification": ("Suspicious Calcification",),
+    "calcified_mass": ("Mass", "Suspicious Calcification"),
+}
 
 # Ratios drawn well inside each class of the (0.4, 0.6) split, so the class survives resizing.
 AREA_TARGETS = {"small": (0.25, 0.33), "medium": (0.47, 0.53), "big": (0.68, 0.78)}
@@ -34,7 +39,7 @@ DENSE_FRACTION = {"A": 0.05, "B": 0.22, "C": 0.45, "D": 0.7}
 # A gentle vendor look (display gamma, noise), enough for the vendor prompt to mean something.
 VENDOR_LOOK = {"siemens": (1.0, 0.012), "hologic": (0.85, 0.008), "other": (1.15, 0.016)}
 
-BACKGROUND, FAT, GLAND, MUSCLE = 0.03, 0.42, 0.7, 0.78
+BACKGROUND, FAT, GLAND, MUSCLE, IMPLANT = 0.03, 0.42, 0.7, 0.78, 0.84
 SKIN_HALF_WIDTH = 0.03  # half width of the skin-line falloff, in normalised breast radius
 COARSE_SHORT_SIDE = 96  # short side of the grid the smooth texture is drawn on
 
@@ -51,6 +56,7 @@ class PhantomSpec:
     area: str | float = "medium"
     lesions: tuple[str, ...] = ()
     vendor: str = "siemens"
+    implant: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,7 +86,7 @@ class Phantom:
     image: np.ndarray  # float32 HxW in [0, 1], display sense
     tissue: np.ndarray  # bool HxW, the breast silhouette (pectoral included)
     boxes: list[Box] = field(default_factory=list)
-    categories: list[str] = field(default_factory=list)
+    categories: list[tuple[str, ...]] = field(default_factory=list)  # finding categories per box
     area_ratio: float = 0.0  # tissue share of the centre square crop the shape was fitted to
 
 
@@ -254,7 +260,7 @@ def _draw_mass(image: np.ndarray, centre: tuple[float, float], radius: float,
     if ys.size == 0:  # too small to cover a pixel centre: keep the pixel under the centre
         ys, xs = np.array([int(cy) - y0]), np.array([int(cx) - x0])
     return Box(float(x0 + xs.min()), float(y0 + ys.min()), float(x0 + xs.max() + 1),
-               float(y0 + ys.max() + 1), CATEGORY_NAMES["mass"])
+               float(y0 + ys.max() + 1))
 
 
 def _draw_calcifications(image: np.ndarray, centre: tuple[float, float], spread: float,
@@ -275,7 +281,31 @@ def _draw_calcifications(image: np.ndarray, centre: tuple[float, float], spread:
     box_pad = max(1, int(np.ceil(dot_sigma)))
     return Box(float(max(0, pts[:, 1].min() - box_pad)), float(max(0, pts[:, 0].min() - box_pad)),
                float(min(w, pts[:, 1].max() + box_pad + 1)),
-               float(min(h, pts[:, 0].max() + box_pad + 1)), CATEGORY_NAMES["calcification"])
+               float(min(h, pts[:, 0].max() + box_pad + 1)))
+
+
+def _draw_lesion(image: np.ndarray, kind: str, shape: _Shape, rng: np.random.Generator) -> Box:
+    """Draw one lesion of `kind` at a random site inside the breast; its box carries the kind's
+    first finding category."""
+    short = min(image.shape)
+    site = _lesion_site(shape, rng)
+    if kind == "calcification":
+        box = _draw_calcifications(image, site, short * 0.06, rng)
+    else:
+        radius = short * rng.uniform(0.04, 0.075)
+        box = _draw_mass(image, site, radius, rng)
+        if kind == "calcified_mass":
+            dots = _draw_calcifications(image, site, radius * 0.6, rng)
+            box = Box(min(box.x0, dots.x0), min(box.y0, dots.y0), max(box.x1, dots.x1),
+                      max(box.y1, dots.y1))
+    box.category = CATEGORY_NAMES[kind][0]
+    return box
+
+
+def _implant_overlay(shape: _Shape, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Weight in [0, 1] of a silicone implant: a bright smooth oval behind the glands."""
+    r = np.sqrt(((xs - 0.38 * shape.a) / (0.3 * shape.a)) ** 2 + ((ys - shape.cy) / (0.4 * shape.b)) ** 2)
+    return 1.0 - _smoothstep(0.9, 1.0, r)
 
 
 def _lesion_site(shape: _Shape, rng: np.random.Generator) -> tuple[float, float]:
@@ -314,15 +344,11 @@ def render_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     if spec.view == "MLO":
         muscle = 1.0 - _smoothstep(0.94, 1.02, pec)
         tissue_value += muscle * (MUSCLE * (0.95 + 0.05 * (1 - pec)) - tissue_value)
+    if spec.implant:
+        tissue_value += _implant_overlay(shape, ys, xs) * (IMPLANT - tissue_value)
     image = (BACKGROUND + envelope * (tissue_value - BACKGROUND)).astype(np.float32)
 
-    boxes = []
-    for kind in spec.lesions:
-        site = _lesion_site(shape, rng)
-        if kind == "mass":
-            boxes.append(_draw_mass(image, site, min(h, w) * rng.uniform(0.04, 0.075), rng))
-        else:
-            boxes.append(_draw_calcifications(image, site, min(h, w) * 0.06, rng))
+    boxes = [_draw_lesion(image, kind, shape, rng) for kind in spec.lesions]
 
     gamma, noise_sigma = VENDOR_LOOK[spec.vendor]
     image = np.clip(image, 0.0, 1.0) ** np.float32(gamma)
@@ -332,4 +358,4 @@ def render_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     if spec.laterality == "R":
         image, tissue = image[:, ::-1].copy(), tissue[:, ::-1].copy()
         boxes = [_mirror(b, w) for b in boxes]
-    return Phantom(image, tissue, boxes, [b.category for b in boxes], ratio)
+    return Phantom(image, tissue, boxes, [CATEGORY_NAMES[k] for k in spec.lesions], ratio)
