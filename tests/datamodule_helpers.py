@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,13 @@ DENSITIES = ("very low", "low", "high", None)
 VENDORS = ("hologic", "siemens")
 
 
-def tiny_tokenizer(max_length: int = 16):
-    """A character-level CLIPTokenizer: enough to tokenise prompts, no downloaded files."""
-    from transformers import CLIPTokenizer
+def tiny_tokenizer():
+    """A real CLIPTokenizer over the words of the test prompts (no downloaded files)."""
+    from mame_lightning.models.tokenizer import build_tokenizer
 
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for char in string.ascii_lowercase + string.digits:
-            vocab[char + suffix] = len(vocab)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    words = ["a", "mammogram", "in", "view", "with", "density", "area", *VIEWS, *AREAS, *VENDORS]
+    words += [word for density in DENSITIES if density for word in density.split()]
+    return build_tokenizer(words)
 
 
 class CountingTokenizer:

@@ -51,7 +51,8 @@ def test_text2image_item_is_gray_repeated_in_unit_range(prepared, tokenizer):
     assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[0], pixels[2])
     expected = png(prepared / "text2image" / "images" / f"{item['id']}.png") / 127.5 - 1
     assert np.allclose(pixels[0].numpy(), expected, atol=1e-6)
-    assert item["input_ids"].dtype == torch.long and item["input_ids"].shape == (16,)
+    assert item["input_ids"].dtype == torch.long
+    assert item["input_ids"].shape == (tokenizer.model_max_length,)
     assert item["index"] == 3 and item["id"] == dataset.records[3]["id"]
     assert item["prompt"] == dataset.records[3]["prompt"] and "mask" not in item
 
@@ -90,7 +91,8 @@ def test_prompts_tokenised_once_for_the_whole_module(prepared, tokenizer):
     items = list(datamodule.train_dataset) + list(datamodule.val_dataset)
     assert counting.calls == 1 and len(items) == 24
     for item in items[:3]:
-        direct = tokenizer(item["prompt"], padding="max_length", max_length=16, truncation=True)
+        direct = tokenizer(item["prompt"], padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length)
         assert item["input_ids"].tolist() == direct["input_ids"]
 
 
@@ -244,3 +246,25 @@ def test_missing_image_names_the_file(tmp_path, tokenizer):
     assert dataset[0]["pixel_values"].shape == (3, 8, 8)
     with pytest.raises(FileNotFoundError, match="b.png"):
         dataset[1]
+
+
+def test_lightning_fit_without_validation(prepared, tokenizer):
+    import lightning as L
+
+    class PixelProbe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_index):
+            return ((batch["pixel_values"] - self.weight) ** 2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    datamodule = PreparedDataModule(str(prepared), tokenizer=tokenizer, batch_size=8,
+                                    val_fraction=0.0)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(PixelProbe(), datamodule=datamodule)
+    assert trainer.global_step == 3 and datamodule.counts() == {"train": 24, "val": 0}

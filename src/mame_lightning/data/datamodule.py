@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,13 @@ def split_ids(
     return [i for i in ids if i not in val], [i for i in ids if i in val]
 
 
+def latent_cache_options(latent_cache: Mapping | bool | None) -> dict:
+    """`true`/`false` or a mapping (`enabled` defaults to true once a mapping is given)."""
+    if latent_cache is None or isinstance(latent_cache, bool):
+        return {"enabled": bool(latent_cache)}
+    return {"enabled": True} | dict(latent_cache)
+
+
 class PreparedDataModule(lightning.LightningDataModule):
     """Feeds training from `prepared_dir/<task>`; optionally from a cache of VAE latents."""
 
@@ -211,7 +218,7 @@ class PreparedDataModule(lightning.LightningDataModule):
         val_max: int | None = 64,
         seed: int = 0,
         persistent_workers: bool = False,
-        latent_cache: dict | None = None,
+        latent_cache: dict | bool | None = None,
         prepare_fn: Callable[[], Any] | None = None,
         resolution: int | None = None,
         dataset_name: str | None = None,
@@ -233,7 +240,7 @@ class PreparedDataModule(lightning.LightningDataModule):
         self.prepare_fn = prepare_fn
         self.resolution = resolution
         self.dataset_name = dataset_name
-        cache_options = dict(latent_cache or {})
+        cache_options = latent_cache_options(latent_cache)
         self.vae = cache_options.pop("vae", None)
         self.latent_cache_options = cache_options
         self.train_dataset: Dataset | None = None
@@ -253,7 +260,7 @@ class PreparedDataModule(lightning.LightningDataModule):
 
     @property
     def uses_latent_cache(self) -> bool:
-        return bool(self.latent_cache_options.get("enabled", False))
+        return bool(self.latent_cache_options["enabled"])
 
     def missing_error(self) -> FileNotFoundError:
         command = PREPARE_COMMAND.format(
