@@ -245,3 +245,15 @@ def test_decode_error_names_file_and_syntax_but_no_patient(tmp_path):
 def test_dicom_error_pickles():
     err = pickle.loads(pickle.dumps(DicomError("a/b.dcm", "broken")))
     assert err.path == "a/b.dcm" and err.reason == "broken" and str(err) == "a/b.dcm: broken"
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "rle", "jpeg2000"])
+def test_save_keeps_instance_uid_and_pixels_and_leaves_input_untouched(tmp_path, syntax):
+    ds = make_mammogram_dataset(PHANTOM.pixels, sop_uid="1.2.3.4", study_uid="1.2.3", series_uid="1.2.3.5")
+    save_dataset(ds, tmp_path / "x.dcm", syntax)
+    back = read_dicom(tmp_path / "x.dcm")
+    assert back.SOPInstanceUID == "1.2.3.4" == back.file_meta.MediaStorageSOPInstanceUID
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1.2"
+    assert np.array_equal(back.pixel_array, PHANTOM.pixels)
+    assert not ds.file_meta.TransferSyntaxUID.is_compressed
+    assert [p.name for p in tmp_path.iterdir()] == ["x.dcm"]  # no temporary file left behind

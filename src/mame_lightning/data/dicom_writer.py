@@ -122,7 +122,8 @@ def make_mammogram_dataset(
 def save_dataset(ds: Dataset, path: str | os.PathLike, transfer_syntax: str = "explicit") -> None:
     """Write `ds` as a DICOM file (preamble + file meta) in one of TRANSFER_SYNTAXES, atomically.
 
-    Compression works on a copy, so the caller's dataset keeps its native pixel data.
+    Compression works on a copy, so the caller's dataset keeps its native pixel data; the
+    syntaxes are lossless, so the SOP Instance UID is kept (the image is the same instance).
     """
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"unknown transfer syntax {transfer_syntax!r}; choose from {sorted(TRANSFER_SYNTAXES)}")
@@ -133,7 +134,7 @@ def save_dataset(ds: Dataset, path: str | os.PathLike, transfer_syntax: str = "e
     if uid.is_compressed:
         if "PixelData" not in out:
             raise ValueError(f"cannot write {path} as {transfer_syntax}: the dataset has no PixelData")
-        out.compress(uid)
+        out.compress(uid, generate_instance_uid=False)
     else:
         out.file_meta.TransferSyntaxUID = uid
     path = Path(path)
