@@ -1,0 +1,297 @@
+"""Text-to-image fine-tuning of Stable Diffusion as a thin LightningModule.
+
+The diffusion maths (noise, timesteps, targets, losses, conditioning) lives in `diffusion.py`;
+this module wires the components together, keeps the frozen parts frozen, and derives every
+random draw of a step from (seed, global step, batch index, rank) so that a run resumed from a
+checkpoint draws exactly the numbers an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.optimization import get_constant_schedule_with_warmup
+
+from mame_lightning.models import diffusion
+from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "default")
+NONFINITE_POLICIES = ("stop", "skip")
+NONFINITE_HINT = (
+    "likely causes: a learning rate too high (lower optimizer.lr or add lr_warmup_steps), "
+    "fp16 overflow (try precision=bf16-mixed), or bad data (NaN/inf pixels or cached latents)"
+)
+# Generator streams keep training and validation draws apart even at the same step/batch.
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+def step_generator(
+    seed: int, step: int, batch_idx: int, rank: int, device: torch.device | str, stream: int = TRAIN_STREAM
+) -> torch.Generator:
+    """A generator whose state depends only on its arguments, never on the global RNG.
+
+    SeedSequence mixes the tuple so neighbouring steps get unrelated streams.
+    """
+    words = np.random.SeedSequence([int(seed), int(stream), int(step), int(batch_idx), int(rank)])
+    high, low = (int(w) for w in words.generate_state(2, dtype=np.uint32))
+    return torch.Generator(device=device).manual_seed(((high << 32) | low) & (2**63 - 1))
+
+
+def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
+    """sdpa: torch scaled_dot_product_attention; default: the plain maths; xformers: if installed."""
+    if backend == "sdpa":
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif backend == "default":
+        unet.set_attn_processor(AttnProcessor())
+    elif backend == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "attention_backend=xformers needs the xformers package: run "
+                "`pip install mame_lightning[gpu]` on a CUDA machine, or use attention_backend=sdpa"
+            ) from error
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+
+
+class Text2ImageModule(L.LightningModule):
+    """Fine-tunes the UNet (and optionally the text encoder) on prompt-image pairs."""
+
+    task = "text2image"
+
+    def __init__(
+        self,
+        components,
+        optimizer: Callable | None = None,
+        lr_warmup_steps: int = 0,
+        train_unet: bool = True,
+        train_text_encoder: bool = True,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        prompt_dropout: float = 0.1,
+        ema: Mapping | None = None,
+        gradient_checkpointing: bool = False,
+        attention_backend: str = "sdpa",
+        prior_loss_weight: float = 1.0,
+        nonfinite: str = "stop",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not (train_unet or train_text_encoder):
+            raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        self.save_hyperparameters(ignore=["components", "optimizer"])
+        self.components = components
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.noise_scheduler = components.noise_scheduler
+        self.optimizer_factory = optimizer
+        self.check_unet_channels()
+        self.freeze_frozen_parts()
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+        set_attention_backend(self.unet, attention_backend)
+        self.ema = build_ema(self.unet, ema) if train_unet else None
+        self.skipped_steps = 0
+        self._ema_last_step: int | None = None
+
+    # -- structure --------------------------------------------------------------------------
+    def expected_in_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def check_unet_channels(self) -> None:
+        got, want = self.unet.config.in_channels, self.expected_in_channels()
+        if got != want:
+            raise ValueError(
+                f"{type(self).__name__} needs a UNet with {want} input channels, this one has {got} "
+                "(an inpainting UNet? use task=inpaint)"
+            )
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        chosen = [(self.unet, self.hparams.train_unet), (self.text_encoder, self.hparams.train_text_encoder)]
+        return [module for module, trained in chosen if trained]
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        trained = {id(m) for m in self.trainable_modules()}
+        return [m for m in (self.vae, self.unet, self.text_encoder) if id(m) not in trained]
+
+    def freeze_frozen_parts(self) -> None:
+        """Frozen parts: no gradients, eval mode, out of the optimiser."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+        for module in self.trainable_modules():
+            module.requires_grad_(True)
+            module.train()  # from_pretrained returns eval-mode models; Lightning keeps modes as found
+
+    def train(self, mode: bool = True):
+        """Lightning calls .train() at every fit/validation switch; frozen parts stay in eval."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if self.hparams.train_text_encoder:
+            self.text_encoder.gradient_checkpointing_enable()
+
+    def setup(self, stage: str) -> None:
+        check_master_weights(self)
+
+    # -- the loss ---------------------------------------------------------------------------
+    def image_latents(self, batch: Mapping, generator: torch.Generator, prefix: str = "") -> torch.Tensor:
+        """Scaled latents from the latent cache (mean/logvar) or by encoding pixels with the VAE."""
+        scaling = self.vae.config.scaling_factor
+        if f"{prefix}latent_mean" in batch:
+            mean, logvar = batch[f"{prefix}latent_mean"], batch[f"{prefix}latent_logvar"]
+            return diffusion.latents_from_dist(mean.float(), logvar.float(), scaling, generator).float()
+        key = f"{prefix}pixel_values"
+        if key not in batch:
+            raise KeyError(f"batch has neither {prefix}latent_mean nor {key}: keys {sorted(batch)}")
+        with torch.no_grad():
+            pixels = batch[key].to(device=self.device, dtype=self.vae.dtype)
+            return diffusion.encode_latents(self.vae, pixels, generator).float()
+
+    def empty_prompt_ids(self, length: int) -> torch.Tensor:
+        """Token ids of the empty prompt (the unconditional branch of classifier-free guidance)."""
+        ids = self.tokenizer(
+            "", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids[0].to(self.device)
+
+    def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids.to(self.device))[0]
+        return hidden.to(self.unet.dtype)
+
+    def unet_input(self, noisy: torch.Tensor, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
+        """What the UNet sees besides time and text: the noisy latents (inpainting adds more)."""
+        return noisy
+
+    def compute_loss(self, batch: Mapping, generator: torch.Generator, prompt_dropout: float) -> torch.Tensor:
+        """One diffusion loss; the order of random draws is fixed so cached and pixel batches match."""
+        latents = self.image_latents(batch, generator)
+        noise = diffusion.sample_noise(latents, generator, self.hparams.noise_offset)
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = diffusion.sample_timesteps(latents.shape[0], num_train_timesteps, latents.device, generator)
+        noisy = diffusion.noisy_latents(self.noise_scheduler, latents, noise, timesteps)
+        model_input = self.unet_input(noisy, batch, generator)
+        input_ids = batch["input_ids"].to(self.device)
+        if prompt_dropout > 0:
+            empty = self.empty_prompt_ids(input_ids.shape[-1])
+            input_ids = diffusion.drop_prompts(input_ids, empty, prompt_dropout, generator)
+        hidden = self.encode_prompts(input_ids)
+        prediction = self.unet(model_input, timesteps, encoder_hidden_states=hidden).sample
+        target = diffusion.diffusion_target(self.noise_scheduler, latents, noise, timesteps)
+        return self.weighted_loss(prediction.float(), target.float(), timesteps, batch.get("is_prior"))
+
+    def weighted_loss(self, prediction, target, timesteps, is_prior=None) -> torch.Tensor:
+        """Plain diffusion loss, or instance + prior_loss_weight * prior (DreamBooth preservation)."""
+
+        def loss_of(rows):
+            return diffusion.diffusion_loss(
+                prediction[rows], target[rows], self.hparams.snr_gamma, self.noise_scheduler, timesteps[rows]
+            )
+
+        if is_prior is None:
+            return loss_of(slice(None))
+        prior = torch.as_tensor(is_prior, dtype=torch.bool, device=prediction.device).reshape(-1)
+        if not prior.any():
+            return loss_of(slice(None))
+        prior_loss = self.hparams.prior_loss_weight * loss_of(prior)
+        return loss_of(~prior) + prior_loss if (~prior).any() else prior_loss
+
+    # -- Lightning steps --------------------------------------------------------------------
+    def training_step(self, batch: Mapping, batch_idx: int):
+        generator = step_generator(self.hparams.seed, self.global_step, batch_idx, self.global_rank, self.device)
+        loss = self.compute_loss(batch, generator, self.hparams.prompt_dropout)
+        batch_size = len(batch["input_ids"])
+        if not torch.isfinite(loss):
+            return self.nonfinite_loss(loss, batch_idx, batch_size)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss
+
+    def nonfinite_loss(self, loss: torch.Tensor, batch_idx: int, batch_size: int):
+        message = (
+            f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
+            f"(batch {batch_idx}); {NONFINITE_HINT}"
+        )
+        if self.hparams.nonfinite == "stop":
+            raise RuntimeError(message + ". Set task.module.nonfinite=skip to skip such steps instead.")
+        self.skipped_steps += 1
+        log.warning("skipping step: %s", message)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=batch_size)
+        return None
+
+    def validation_step(self, batch: Mapping, batch_idx: int):
+        generator = step_generator(self.hparams.seed, 0, batch_idx, self.global_rank, self.device, VAL_STREAM)
+        loss = self.compute_loss(batch, generator, prompt_dropout=0.0)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError(
+                f"{type(self).__name__} was built without an optimizer: pass optimizer=<partial "
+                "taking the parameters>, e.g. hydra's conf/optimizer with _partial_: true"
+            )
+        parameters = [p for module in self.trainable_modules() for p in module.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(parameters)
+        scheduler = get_constant_schedule_with_warmup(optimizer, int(self.hparams.lr_warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # -- EMA and checkpoints ----------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self.train()
+        self._ema_last_step = self.global_step
+        if self.ema is not None:
+            ema_on_device(self.ema, self.device)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Average after each optimiser step (global_step only advances when one happened)."""
+        if self.ema is None or self.global_step == self._ema_last_step:
+            return
+        self._ema_last_step = self.global_step
+        if outputs is not None:
+            ema_step(self.ema, self.unet)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        elif self.ema is not None:
+            log.warning("checkpoint has no EMA state: the average starts from this module's weights")
+
+
+def check_master_weights(module: torch.nn.Module) -> None:
+    """Mixed precision needs fp32 trainable weights ("Attempting to unscale FP16 gradients")."""
+    wrong = [(name, p.dtype) for name, p in module.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if wrong:
+        names = ", ".join(f"{name} ({dtype})" for name, dtype in wrong[:3])
+        raise TypeError(
+            f"{len(wrong)} trainable weights are not float32, e.g. {names}. Trainable weights must be "
+            "fp32 master weights (autocast handles the low precision): load the model with "
+            "frozen_dtype applying to frozen parts only, or train in precision=32"
+        )
