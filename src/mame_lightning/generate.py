@@ -1,0 +1,157 @@
+"""Generate synthetic mammograms from a trained model.
+
+    python -m mame_lightning.generate model_path=EXPORT_DIR prompt="a mammogram in CC view" n=4 out=DIR
+    python -m mame_lightning.generate model_path=EXPORT_DIR vendor=siemens view=MLO density=high area=small
+    python -m mame_lightning.generate model_path=INPAINT_DIR image=FILE box=x0,y0,x1,y1 out=DIR
+    python -m mame_lightning.generate mode=full model_path=T2I_DIR inpaint_model_path=INPAINT_DIR prompt=...
+
+Every PNG is marked synthetic (text chunks); `dicom=true` adds a synthetic DICOM per image.
+Settings: conf/generate.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
+from mame_lightning.pipelines.inputs import InputError, inpaint_mask, load_input_image
+from mame_lightning.pipelines.loading import LoadedModel, ModelNotFoundError, load_model
+from mame_lightning.pipelines.marking import save_png
+from mame_lightning.pipelines.outputs import save_results
+from mame_lightning.pipelines.prompting import ATTRIBUTE_LISTS, UnknownAttributeError, build_prompt, infer_view
+
+MODES = ("auto", "text2image", "inpaint", "full")
+# Override values Hydra would misread: a comma makes a sweep, brackets a list, a colon a dict.
+BOX_KEYS = ("box",)
+TEXT_KEYS = ("prompt", "negative_prompt", "lesion_prompt")
+
+
+def protect_overrides(argv: list[str]) -> list[str]:
+    """`box=1,2,3,4` -> `box=[1,2,3,4]` and free-text prompts quoted, so they reach us verbatim."""
+    fixed = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        name = key.lstrip("+")
+        if sep and value and value[0] not in "'\"[":
+            if name in BOX_KEYS and "," in value:
+                arg = f"{key}=[{value}]"
+            elif name in TEXT_KEYS:
+                arg = key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        fixed.append(arg)
+    return fixed
+
+
+def settings_from(cfg: DictConfig) -> GenerationSettings:
+    return GenerationSettings(
+        guidance=float(cfg.guidance), steps=int(cfg.steps), negative_prompt=cfg.negative_prompt or None,
+        seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
+    )
+
+
+def attributes_from(cfg: DictConfig) -> dict:
+    return {name: cfg.get(name) for name in ATTRIBUTE_LISTS if cfg.get(name) is not None}
+
+
+def resolve_mode(cfg: DictConfig, task: str) -> str:
+    """The mode to run: as asked, or (auto) from the model's task; mismatches are refused."""
+    mode = str(cfg.mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "full" if task == "text2image" and cfg.inpaint_model_path else task
+    wanted = {"text2image": "text2image", "inpaint": "inpaint", "full": "text2image"}[mode]
+    if task != wanted:
+        raise ValueError(f"mode={mode} needs a {wanted} model, but {cfg.model_path} is a {task} model")
+    if mode == "full" and not cfg.inpaint_model_path:
+        raise ValueError("mode=full needs inpaint_model_path=INPAINT_EXPORT_DIR as well as model_path")
+    if mode == "inpaint" and not cfg.image:
+        raise ValueError(f"{cfg.model_path} is an inpainting model: give image=FILE and box=x0,y0,x1,y1 or mask=FILE")
+    return mode
+
+
+def load(cfg: DictConfig, path) -> LoadedModel:
+    return load_model(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+
+
+def run_text2image(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]:
+    attributes = attributes_from(cfg)
+    prompt = build_prompt(model.metadata, "text2image", prompt=cfg.prompt, attributes=attributes)
+    print(f"prompt: {prompt}")
+    results = text2image(model, prompt, int(cfg.n), settings_from(cfg))
+    return save_results(results, out, dicom=bool(cfg.dicom), view=infer_view(prompt, attributes),
+                        device=str(model.device))
+
+
+def run_inpaint(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]:
+    prepared = load_input_image(cfg.image, model.size)
+    mask = inpaint_mask(prepared, mask=cfg.mask, box=cfg.box)
+    prompt = build_prompt(model.metadata, "inpaint", prompt=cfg.prompt, attributes=attributes_from(cfg))
+    print(f"prompt: {prompt}")
+    results = inpaint(model, prepared.image, mask, prompt, int(cfg.n), settings_from(cfg), strength=float(cfg.strength))
+    source = {"image": str(cfg.image), "mask": str(cfg.mask or ""), "box": _box_text(cfg.box)}
+    for result in results:
+        result.params.update(source)
+    save_png(mask, out / "mask.png", {"task": "inpaint_mask", **source})
+    view = prepared.tags.get("view") or infer_view(prompt)
+    return save_results(results, out, dicom=bool(cfg.dicom), view=view, device=str(model.device))
+
+
+def run_full_flow(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]:
+    from mame_lightning.pipelines.full import run_full
+
+    inpainter = load(cfg, cfg.inpaint_model_path)
+    attributes = attributes_from(cfg)
+    prompt = build_prompt(model.metadata, "text2image", prompt=cfg.prompt, attributes=attributes)
+    lesion_prompt = cfg.lesion_prompt or build_prompt(inpainter.metadata, "inpaint")
+    print(f"prompt: {prompt}\nlesion prompt: {lesion_prompt}")
+    return run_full(
+        model, inpainter, prompt, out, n=int(cfg.n), settings=settings_from(cfg), lesion_prompt=lesion_prompt,
+        box=cfg.box, lesion_box_size=float(cfg.lesion_box_size), category=str(cfg.lesion_category),
+        birads=str(cfg.lesion_birads or ""), view=infer_view(prompt, attributes),
+        density=attributes.get("density"), dicom=bool(cfg.dicom),
+    )
+
+
+def _box_text(box) -> str:
+    if box is None:
+        return ""
+    return box if isinstance(box, str) else ",".join(f"{float(v):g}" for v in box)
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Load the model(s), generate, write the folder; returns the index rows (or findings for mode=full)."""
+    model = load(cfg, cfg.model_path)
+    mode = resolve_mode(cfg, model.task)
+    out = Path(str(cfg.out))
+    runner = {"text2image": run_text2image, "inpaint": run_inpaint, "full": run_full_flow}[mode]
+    rows = runner(cfg, model, out)
+    print(f"wrote {len(rows)} {mode} image(s) to {out}")
+    return rows
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the command line or input files: reported in one line, without a traceback."""
+    from mame_lightning.data.dicom import DicomError
+
+    return (ModelNotFoundError, UnknownAttributeError, InputError, DicomError, ValueError)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except user_errors() as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def cli() -> None:
+    sys.argv = protect_overrides(sys.argv)
+    main()
+
+
+if __name__ == "__main__":
+    cli()
