@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from mame_lightning.data.sampling import ResumableStreamSampler
 
 TASKS = ("text2image", "inpaint")
 ATTRIBUTE_COLUMNS = {"views": "view", "areas": "area", "densities": "density", "vendors": "vendor"}
@@ -222,8 +223,12 @@ class PreparedDataModule(lightning.LightningDataModule):
         prepare_fn: Callable[[], Any] | None = None,
         resolution: int | None = None,
         dataset_name: str | None = None,
+        sampling: str = "epoch",
     ):
         super().__init__()
+        if sampling not in ("epoch", "stream"):
+            raise ValueError(f"sampling must be 'epoch' or 'stream', got {sampling!r}")
+        self.sampling = sampling
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         self.prepared_dir = Path(prepared_dir)
@@ -340,7 +345,28 @@ class PreparedDataModule(lightning.LightningDataModule):
         trainer.strategy.barrier("latent_cache")
         return result if result is not None else fn()
 
+    def _stream_loader(self, dataset: Dataset) -> DataLoader:
+        """Step-based training: an endless seeded stream that resumes at the restored step."""
+        trainer = self.trainer
+        start, rank, world = 0, 0, 1
+        if trainer is not None:
+            start = trainer.global_step * trainer.accumulate_grad_batches
+            rank, world = trainer.global_rank, trainer.world_size
+        sampler = ResumableStreamSampler(
+            len(dataset), self.batch_size, seed=self.seed, start_batch=start, rank=rank, world_size=world
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if train and self.sampling == "stream":
+            return self._stream_loader(dataset)
         generator = torch.Generator().manual_seed(self.seed) if train else None
         return DataLoader(
             dataset,
