@@ -315,10 +315,14 @@ def tiny_components(cache_dir, *, words, unet: dict, vae: dict, text_encoder: di
     """A small random Stable Diffusion, built once per config under cache_dir, loaded like SD v1.5."""
     build = {"words": words, "unet": unet, "vae": vae, "text_encoder": text_encoder, "sample_size": sample_size,
              "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant}
-    folder = Path(cache_dir) / f"tiny-{_config_hash(format=_BUILD_FORMAT, **build)}"
+    return _cached_components(cache_dir, "tiny", build, frozen_dtype, train_text_encoder)
+
+
+def _cached_components(cache_dir, prefix: str, build: dict, frozen_dtype, train_text_encoder) -> SDComponents:
+    folder = Path(cache_dir) / f"{prefix}-{_config_hash(format=_BUILD_FORMAT, **build)}"
     if not (folder / "model_index.json").is_file():
         build_tiny(folder, **build)
-    return load_components(str(folder), variant=variant, frozen_dtype=frozen_dtype,
+    return load_components(str(folder), variant=build["variant"], frozen_dtype=frozen_dtype,
                            train_text_encoder=train_text_encoder, local_files_only=True)
 
 
@@ -331,6 +335,6 @@ def build_sd15_arch(folder, inpaint: bool = False, *, words, seed: int = 0, vari
 def sd15_arch_components(cache_dir, inpaint: bool = False, *, words, seed: int = 0, variant: str | None = None,
                          frozen_dtype: str | None = None, train_text_encoder: bool = True) -> SDComponents:
     """Full-size SD v1.5 with random weights, for memory and speed checks without downloading it."""
-    return tiny_components(cache_dir, words=words, unet=SD15_UNET, vae=SD15_VAE, text_encoder=SD15_TEXT,
-                           sample_size=SD15_SAMPLE_SIZE, seed=seed, inpaint=inpaint, variant=variant,
-                           frozen_dtype=frozen_dtype, train_text_encoder=train_text_encoder)
+    build = {"words": words, "unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT,
+             "sample_size": SD15_SAMPLE_SIZE, "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant}
+    return _cached_components(cache_dir, "sd15-arch", build, frozen_dtype, train_text_encoder)

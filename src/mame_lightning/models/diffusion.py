@@ -81,18 +81,15 @@ def latents_from_dist(mean: Tensor, logvar: Tensor, scaling_factor: float,
     return dist.sample(generator=generator) * scaling_factor
 
 
-def _scale_latents(vae, latents: Tensor) -> Tensor:
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        latents = latents - shift
-    return latents * vae.config.scaling_factor
-
-
 @torch.no_grad()
 def encode_latents(vae, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """VAE posterior sample times the scaling factor, computed (and returned) in the VAE's dtype."""
+    """VAE posterior sample times the scaling factor, computed (and returned) in the VAE's dtype.
+
+    Equal to `latents_from_dist` of the same posterior with the same generator, so cached and
+    pixel-space training draw the same latents.
+    """
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return _scale_latents(vae, dist.sample(generator=generator))
+    return dist.sample(generator=generator) * vae.config.scaling_factor
 
 
 def mask_to_latent(mask: Tensor, latent_hw) -> Tensor:

@@ -42,7 +42,9 @@ def split_words(texts: list[str]) -> list[str]:
     """Lowercased pre-tokenizer pieces of the given words or whole prompts, first-seen order."""
     seen: dict[str, None] = {}
     for text in texts:
-        for piece in _PIECES.findall(str(text).lower()):
+        if not isinstance(text, str):  # YAML reads a bare no/yes/on/off as a boolean
+            raise TypeError(f"tokenizer words must be strings, got {text!r}; quote it in the YAML list")
+        for piece in _PIECES.findall(text.lower()):
             seen.setdefault(piece, None)
     return list(seen)
 
