@@ -41,7 +41,7 @@ VENDOR_LOOK = {"siemens": (1.0, 0.012), "hologic": (0.85, 0.008), "other": (1.15
 
 BACKGROUND, FAT, GLAND, MUSCLE, IMPLANT = 0.03, 0.42, 0.7, 0.78, 0.84
 SKIN_HALF_WIDTH = 0.03  # half width of the skin-line falloff, in normalised breast radius
-COARSE_SHORT_SIDE = 96  # short side of the grid the smooth texture is drawn on
+COARSE_SHORT_SIDE = 160  # short side of the grid the smooth texture is drawn on
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def _radii(shape: _Shape, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, n
     return r_ellipse, xs / shape.pec_w + ys / shape.pec_h
 
 
-def _crop_ratio(shape: _Shape, height: int, width: int, samples: int = 96) -> float:
+def _crop_ratio(shape: _Shape, height: int, width: int, samples: int = 80) -> float:
     """Share of the centre square covered by the silhouette, on a regular sample grid."""
     y0, y1, x0, x1 = centre_square(height, width)
     ys = (y0 + (np.arange(samples) + 0.5) * (y1 - y0) / samples)[:, None]
@@ -164,7 +164,7 @@ def fit_shape(spec: PhantomSpec, ratio: float, rng: np.random.Generator) -> _Sha
         return shape
 
     low, high = 0.05, 6.0
-    for _ in range(40):
+    for _ in range(28):
         mid = 0.5 * (low + high)
         if _crop_ratio(shape_at(mid), spec.height, spec.width) < ratio:
             low = mid
@@ -174,8 +174,13 @@ def fit_shape(spec: PhantomSpec, ratio: float, rng: np.random.Generator) -> _Sha
 
 
 def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    """Hermite step from 0 at edge0 to 1 at edge1 (edges may be reversed for a falling step)."""
+    t = (x - np.float32(edge0)) * np.float32(1.0 / (edge1 - edge0))
+    np.clip(t, 0.0, 1.0, out=t)
+    rise = 3.0 - 2.0 * t
+    t *= t
+    t *= rise
+    return t
 
 
 def _coarse_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,12 +192,10 @@ def _coarse_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return ys, xs
 
 
-def _gland_field(shape: _Shape, density: str, ys: np.ndarray, xs: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """Smooth fields on the coarse grid: the fibroglandular potential, the strand pattern, and the
-    potential level above which a pixel is gland (chosen so the gland share matches the density).
-
-    Thresholding happens after upsampling, so gland borders stay curved at any resolution."""
+def _gland(shape: _Shape, density: str, ys: np.ndarray, xs: np.ndarray,
+           rng: np.random.Generator) -> np.ndarray:
+    """Fibroglandular amount in [0, 1] on a (coarse) grid: smooth blobs thresholded so their
+    share of the breast matches the density, carried by strands converging on the nipple."""
     gh, gw = ys.shape[0], xs.shape[1]
     short = min(gh, gw)
     coarse = ndimage.gaussian_filter(rng.standard_normal((gh, gw)), 0.05 * short, mode="reflect")
@@ -203,6 +206,7 @@ def _gland_field(shape: _Shape, density: str, ys: np.ndarray, xs: np.ndarray,
     inside = r_ellipse < 0.95
     share = DENSE_FRACTION[density]
     level = float(np.quantile(potential[inside], 1.0 - share)) if inside.any() else 0.0
+    gland = _smoothstep(level - 0.9, level + 0.9, potential)
 
     # Strands: noise stretched along rays from the nipple, sampled in (angle, distance) space and
     # faded out near the nipple where the rays crowd together.
@@ -213,27 +217,39 @@ def _gland_field(shape: _Shape, density: str, ys: np.ndarray, xs: np.ndarray,
     coords = np.stack([(angle + np.pi) / (2 * np.pi) * 160, np.clip(dist, 0, 1.5) * 15])
     strands = ndimage.map_coordinates(strand_noise, coords, order=1, mode="grid-wrap")
     strands = _smoothstep(-0.3, 1.8, strands) * _smoothstep(0.1, 0.45, dist)
-    return potential, strands, level
+    fade = _smoothstep(0.97, 0.85, r_ellipse)  # no glands right under the skin
+    return np.clip(gland * (0.75 + 0.25 * strands) + 0.15 * strands, 0.0, 1.0) * fade
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """Dense (n_out, n_in) linear-interpolation matrix between pixel-centre grids."""
+def _tissue_value(spec: PhantomSpec, shape: _Shape, ys: np.ndarray, xs: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Brightness the breast would have everywhere (before the skin line cuts it off): fat
+    thinning towards the skin, glands, and the pectoral muscle and implant where present."""
+    r_ellipse, pec = _radii(shape, ys, xs)
+    thickness = 0.85 + 0.15 * np.sqrt(np.clip(1.0 - r_ellipse**2, 0.0, 1.0))
+    value = FAT * thickness + (GLAND - FAT) * _gland(shape, spec.density, ys, xs, rng)
+    if spec.view == "MLO":
+        muscle = _smoothstep(1.02, 0.94, pec)
+        value += muscle * (MUSCLE * (0.95 + 0.05 * (1 - np.clip(pec, 0, 1))) - value)
+    if spec.implant:
+        value += _implant_overlay(shape, ys, xs) * (IMPLANT - value)
+    return value
+
+
+def _lerp_index(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower source index and weight of the upper one for each output pixel centre."""
     pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    low = np.minimum(pos.astype(int), n_in - 2) if n_in > 1 else np.zeros(n_out, int)
-    frac = pos - low
-    matrix = np.zeros((n_out, n_in), np.float32)
-    rows = np.arange(n_out)
-    matrix[rows, low] = 1.0 - frac
-    if n_in > 1:
-        matrix[rows, low + 1] += frac
-    return matrix
+    low = np.minimum(pos.astype(int), n_in - 2)
+    return low, (pos - low).astype(np.float32)
 
 
 def _upsample(coarse: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling as two small matrix products (much faster than ndimage.zoom)."""
-    rows = _interp_matrix(height, coarse.shape[0])
-    cols = _interp_matrix(width, coarse.shape[1])
-    return (rows @ coarse.astype(np.float32)) @ cols.T
+    """Bilinear upsampling, one axis at a time (cheaper than ndimage.zoom at full size)."""
+    rows_low, rows_w = _lerp_index(height, coarse.shape[0])
+    cols_low, cols_w = _lerp_index(width, coarse.shape[1])
+    grid = coarse.astype(np.float32)
+    rows = grid[rows_low] * (1 - rows_w)[:, None] + grid[rows_low + 1] * rows_w[:, None]
+    return rows[:, cols_low] * (1 - cols_w) + rows[:, cols_low + 1] * cols_w
 
 
 def _draw_mass(image: np.ndarray, centre: tuple[float, float], radius: float,
@@ -254,8 +270,10 @@ def _draw_mass(image: np.ndarray, centre: tuple[float, float], radius: float,
         gap = np.angle(np.exp(1j * (theta - phi)))
         edge += rng.uniform(0.3, 0.8) * np.exp(-((gap / 0.08) ** 2))
     body = 1.0 - _smoothstep(0.75, 1.05, dist / (radius * edge))
-    core = 1.0 - 0.25 * np.clip(dist / radius, 0, 1)
-    image[y0:y1, x0:x1] += rng.uniform(0.22, 0.3) * body * core
+    # Denser than glandular tissue: the mass replaces what lies under it with a brighter core.
+    peak = rng.uniform(0.86, 0.95) * (1.0 - 0.15 * np.clip(dist / radius, 0, 1))
+    patch = image[y0:y1, x0:x1]
+    patch += body * np.maximum(peak - patch, 0.0)
     ys, xs = np.nonzero(body > 0.5)
     if ys.size == 0:  # too small to cover a pixel centre: keep the pixel under the centre
         ys, xs = np.array([int(cy) - y0]), np.array([int(cx) - x0])
@@ -305,13 +323,13 @@ def _draw_lesion(image: np.ndarray, kind: str, shape: _Shape, rng: np.random.Gen
 def _implant_overlay(shape: _Shape, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Weight in [0, 1] of a silicone implant: a bright smooth oval behind the glands."""
     r = np.sqrt(((xs - 0.38 * shape.a) / (0.3 * shape.a)) ** 2 + ((ys - shape.cy) / (0.4 * shape.b)) ** 2)
-    return 1.0 - _smoothstep(0.9, 1.0, r)
+    return _smoothstep(1.0, 0.9, r)
 
 
 def _lesion_site(shape: _Shape, rng: np.random.Generator) -> tuple[float, float]:
     """A point well inside the glandular part of the breast, below any pectoral muscle."""
     for _ in range(200):
-        rad, ang = rng.uniform(0.25, 0.65), rng.uniform(-1.2, 1.2)
+        rad, ang = rng.uniform(0.25, 0.65), rng.uniform(-1.0, 1.0)
         y, x = shape.cy + rad * shape.b * np.sin(ang), rad * shape.a * np.cos(ang)
         if shape.pec_w <= 0 or x / shape.pec_w + y / shape.pec_h > 1.3:
             return float(y), float(x)
@@ -325,34 +343,30 @@ def _mirror(box: Box, width: int) -> Box:
 def render_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     """Draw one phantom; the same spec and generator state give the same pixels."""
     h, w = spec.height, spec.width
-    ratio = target_ratio(spec.area, rng)
-    shape = fit_shape(spec, ratio, rng)
+    # Independent streams, so adding a lesion leaves every pixel away from it unchanged.
+    shape_rng, texture_rng, lesion_rng, noise_rng = rng.spawn(4)
+    ratio = target_ratio(spec.area, shape_rng)
+    shape = fit_shape(spec, ratio, shape_rng)
 
-    coarse_y, coarse_x = _coarse_grid(h, w)
-    potential, strands, level = _gland_field(shape, spec.density, coarse_y, coarse_x, rng)
-    gland = _smoothstep(level - 0.9, level + 0.9, _upsample(potential, h, w))
-    strands = _upsample(strands, h, w)
-
-    ys = np.arange(h, dtype=np.float32)[:, None] + 0.5
-    xs = np.arange(w, dtype=np.float32)[None, :] + 0.5
+    # Everything smooth is drawn on a coarse grid; only the skin line is drawn at full size.
+    tissue_value = _upsample(_tissue_value(spec, shape, *_coarse_grid(h, w), texture_rng), h, w)
+    ys = np.arange(h, dtype=np.float32)[:, None] + np.float32(0.5)
+    xs = np.arange(w, dtype=np.float32)[None, :] + np.float32(0.5)
     r_ellipse, pec = _radii(shape, ys, xs)
-    radius = np.minimum(r_ellipse, pec)
-    envelope = 1.0 - _smoothstep(1.0 - SKIN_HALF_WIDTH, 1.0 + SKIN_HALF_WIDTH, radius)
-    thickness = 0.85 + 0.15 * np.sqrt(np.clip(1.0 - r_ellipse**2, 0.0, 1.0))
-    gland = np.clip(gland * (0.75 + 0.25 * strands) + 0.15 * strands, 0.0, 1.0)
-    tissue_value = FAT * thickness + (GLAND - FAT) * gland * (r_ellipse < 1.0)
-    if spec.view == "MLO":
-        muscle = 1.0 - _smoothstep(0.94, 1.02, pec)
-        tissue_value += muscle * (MUSCLE * (0.95 + 0.05 * (1 - pec)) - tissue_value)
-    if spec.implant:
-        tissue_value += _implant_overlay(shape, ys, xs) * (IMPLANT - tissue_value)
-    image = (BACKGROUND + envelope * (tissue_value - BACKGROUND)).astype(np.float32)
+    radius = np.minimum(r_ellipse, pec) if spec.view == "MLO" else r_ellipse
+    envelope = _smoothstep(1.0 + SKIN_HALF_WIDTH, 1.0 - SKIN_HALF_WIDTH, radius)
+    image = tissue_value
+    image -= np.float32(BACKGROUND)
+    image *= envelope
+    image += np.float32(BACKGROUND)
 
-    boxes = [_draw_lesion(image, kind, shape, rng) for kind in spec.lesions]
+    boxes = [_draw_lesion(image, kind, shape, lesion_rng) for kind in spec.lesions]
 
     gamma, noise_sigma = VENDOR_LOOK[spec.vendor]
-    image = np.clip(image, 0.0, 1.0) ** np.float32(gamma)
-    image += rng.standard_normal((h, w), dtype=np.float32) * np.float32(noise_sigma)
+    np.clip(image, 0.0, 1.0, out=image)
+    if gamma != 1.0:
+        np.power(image, np.float32(gamma), out=image)
+    image += noise_rng.standard_normal((h, w), dtype=np.float32) * np.float32(noise_sigma)
     image = np.clip(image, 0.0, 1.0, out=image)
     tissue = radius < 1.0
     if spec.laterality == "R":
