@@ -229,6 +229,9 @@ def test_sd15_architecture_has_the_published_parameter_counts():
 def test_sd15_arch_yaml_calls_the_full_size_factory():
     model = model_conf("sd15_arch").model
     assert model._target_ == "mame_lightning.models.components.sd15_arch_components"
+    words = OmegaConf.to_container(model.words)
+    assert all(isinstance(word, str) for word in words), "a bare no/on in YAML reads as a boolean"
+    assert words == OmegaConf.to_container(model_conf("tiny").model.words)
     for name in ("sd15", "sd15_inpaint"):
         cfg = model_conf(name).model
         assert cfg._target_ == "mame_lightning.models.components.load_components"
