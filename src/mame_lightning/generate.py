@@ -140,7 +140,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ModelNotFoundError, UnknownAttributeError, InputError, DicomError, ValueError)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+# An absolute folder, so the entry point also works when called in-process (tests, notebooks).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
