@@ -84,6 +84,24 @@ def test_missing_model_folder_says_how_to_get_one(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_folder_written_by_the_exporter_loads_and_prompts_from_its_attributes(models_root, tmp_path):
+    from types import SimpleNamespace
+
+    from mame_lightning.models.components import load_components
+    from mame_lightning.models.export import export_pipeline
+
+    module = SimpleNamespace(components=load_components(str(tiny_export(models_root, "text2image"))), ema=None)
+    folder = export_pipeline(module, tmp_path / "export", task="text2image",
+                             templates={"text2image": "a mammogram in {view} view with {area} area"},
+                             attributes={"views": ["CC", "MLO"], "areas": ["small", "big"]}, prepare_size=SIZE)
+    model = load_model(folder, device="cpu")
+    assert model.task == "text2image" and model.size == SIZE
+    assert build_prompt(model.metadata, attributes={"view": "cc", "area": "big"}) == "a mammogram in CC view with big area"
+    with pytest.raises(UnknownAttributeError, match="no \\{vendor\\} slot"):
+        build_prompt(model.metadata, attributes={"vendor": "siemens"})
+    assert text2image(model, "a mammogram", 1, GenerationSettings(**FAST))[0].image.shape == (SIZE, SIZE)
+
+
 def test_checkpoint_is_exported_then_loaded(models_root, tmp_path, monkeypatch):
     import mame_lightning.export as export
 
