@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,16 @@ def test_unknown_hub_id_offline_gives_a_clear_error():
         load_components("mame-nobody/no-such-model", local_files_only=True)
     message = str(info.value)
     assert "mame-nobody/no-such-model" in message and "model.path=" in message
+
+
+def test_missing_folder_and_missing_tokenizer_are_refused(tmp_path, tiny):
+    with pytest.raises(ModelLoadError, match="there is no folder"):
+        load_components(str(tmp_path / "absent"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.source, broken)
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_components(str(broken))
 
 
 def test_folder_without_the_variant_names_it(tiny):

@@ -129,6 +129,8 @@ def _load_error(path: str, subfolder: str, variant: str | None, err: Exception) 
         hint = f"the local folder {path} must be a diffusers pipeline folder holding {subfolder}/"
         if variant:
             hint += f" with {variant!r} variant weights (or set model.variant=null)"
+    elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        hint = f"there is no folder {path}: set model.path= to a diffusers pipeline folder"
     else:
         hint = (
             f"{path!r} is not a local folder and the hub id could not be fetched (offline, or not cached). "
@@ -144,6 +146,16 @@ def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(path, subfolder, kwargs.get("variant"), err) from err
+
+
+def _check_tokenizer(tokenizer, text_encoder, path: str) -> None:
+    """transformers builds an empty tokenizer (special tokens only) when the files are missing."""
+    size, vocab = len(tokenizer), text_encoder.config.vocab_size
+    if size < 256 or size > vocab:
+        raise ModelLoadError(
+            f"The tokenizer of {path!r} has {size} tokens for a text encoder of {vocab}: "
+            f"{path}/tokenizer must hold vocab.json + merges.txt (or tokenizer.json) of the model"
+        )
 
 
 def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
@@ -193,13 +205,14 @@ def load_components(
     """
     path = str(path)
     common = {"variant": variant, "revision": revision, "local_files_only": local_files_only}
-    tokenizer = _from_pretrained(CLIPTokenizer, path, "tokenizer", revision=revision, local_files_only=local_files_only)
     scheduler = _from_pretrained(DDPMScheduler, path, "scheduler", revision=revision, local_files_only=local_files_only)
     if scheduler.config.get("variance_type") is None:  # a DPM-Solver config leaves it empty
         scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
     text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", **common)
     vae = _from_pretrained(AutoencoderKL, path, "vae", **common)
     unet = _from_pretrained(UNet2DConditionModel, path, "unet", **common)
+    tokenizer = _from_pretrained(CLIPTokenizer, path, "tokenizer", revision=revision, local_files_only=local_files_only)
+    _check_tokenizer(tokenizer, text_encoder, path)
 
     frozen = _dtype(frozen_dtype) or torch.float32
     unet.to(torch.float32)
