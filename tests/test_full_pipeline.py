@@ -85,7 +85,7 @@ def test_full_flow_with_a_given_box_writes_agreeing_image_mask_and_csv(t2i_model
         box = tuple(int(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
         assert box == _bbox(mask) == (20, 16, 36, 30)  # the given box, grown to whole pixels
         assert ast.literal_eval(row["finding_categories"]) == ["Mass"]
-        assert (row["laterality"], row["view_position"], row["breast_density"]) == ("L", "MLO", "high")
+        assert (row["laterality"], row["view_position"], row["breast_density"]) == ("L", "MLO", "DENSITY C")
         assert (int(row["height"]), int(row["width"])) == (SIZE, SIZE)
         healthy = _png(tmp_path / "healthy" / f"{image_id}.png").astype(int)
         lesion = _png(tmp_path / "images" / f"{image_id}.png").astype(int)

@@ -46,7 +46,7 @@ def test_cli_subprocess_writes_n_marked_pngs_and_dicoms(t2i_dir, tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3 and len(list(out.glob("*.dcm"))) == 3
     expected = "a siemens mammogram in MLO view with high density and small area"
-    assert expected in proc.stdout
+    assert expected in proc.stdout and "s per image" in proc.stdout
     seeds = sorted(int(read_png_text(p)["seed"]) for p in pngs)
     assert seeds == [10, 11, 12]
     assert all(read_png_text(p)["prompt"] == expected and read_png_text(p)["synthetic"] == "true" for p in pngs)
@@ -90,13 +90,16 @@ def test_inpainting_a_dicom_by_box_in_original_pixels(monkeypatch, inpaint_dir, 
 def test_full_mode_from_the_command_line(monkeypatch, t2i_dir, inpaint_dir, tmp_path):
     out = tmp_path / "full"
     run_cli(monkeypatch, "mode=full", f"model_path={t2i_dir}", f"inpaint_model_path={inpaint_dir}",
-            "prompt=a hologic mammogram in CC view", "lesion_prompt=a mammogram with a lesion", "n=1",
+            "vendor=hologic", "view=cc", "density=c", "area=big", "lesion_prompt=a mammogram with a lesion", "n=1",
             "box=10,12,26,28", f"out={out}", *FAST)
     with open(out / "finding_annotations.csv", newline="") as handle:
         row = next(csv.DictReader(handle))
     assert (row["xmin"], row["ymin"], row["xmax"], row["ymax"]) == ("10", "12", "26", "28")
-    assert row["view_position"] == "CC" and row["finding_categories"] == "['Mass']"
-    assert (out / "images" / f"{row['image_id']}.png").is_file()
+    assert row["view_position"] == "CC" and row["breast_density"] == "DENSITY C"
+    assert row["finding_categories"] == "['Mass']"
+    text = read_png_text(out / "images" / f"{row['image_id']}.png")
+    assert text["prompt"] == "a hologic mammogram in CC view with high density and big area"
+    assert text["lesion_prompt"] == "a mammogram with a lesion" and text["synthetic"] == "true"
 
 
 def test_mode_and_model_must_agree(monkeypatch, t2i_dir, inpaint_dir, tmp_path):

@@ -11,6 +11,7 @@ Settings: conf/generate.yaml.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,8 +22,14 @@ from mame_lightning.pipelines.generation import GenerationSettings, inpaint, tex
 from mame_lightning.pipelines.inputs import InputError, inpaint_mask, load_input_image
 from mame_lightning.pipelines.loading import LoadedModel, ModelNotFoundError, load_model
 from mame_lightning.pipelines.marking import save_png
-from mame_lightning.pipelines.outputs import save_results
-from mame_lightning.pipelines.prompting import ATTRIBUTE_LISTS, UnknownAttributeError, build_prompt, infer_view
+from mame_lightning.pipelines.outputs import TIMINGS_FILE, save_results
+from mame_lightning.pipelines.prompting import (
+    ATTRIBUTE_LISTS,
+    UnknownAttributeError,
+    build_prompt,
+    infer_view,
+    validate_attributes,
+)
 
 MODES = ("auto", "text2image", "inpaint", "full")
 # Override values Hydra would misread: a comma makes a sweep, brackets a list, a colon a dict.
@@ -77,9 +84,14 @@ def load(cfg: DictConfig, path) -> LoadedModel:
     return load_model(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
 
 
+def prompt_and_attributes(cfg: DictConfig, model: LoadedModel) -> tuple[str, dict]:
+    """The text-to-image prompt and the validated attributes it was built from (model spelling)."""
+    prompt = build_prompt(model.metadata, "text2image", prompt=cfg.prompt, attributes=attributes_from(cfg))
+    return prompt, validate_attributes(attributes_from(cfg), model.metadata)
+
+
 def run_text2image(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]:
-    attributes = attributes_from(cfg)
-    prompt = build_prompt(model.metadata, "text2image", prompt=cfg.prompt, attributes=attributes)
+    prompt, attributes = prompt_and_attributes(cfg, model)
     print(f"prompt: {prompt}")
     results = text2image(model, prompt, int(cfg.n), settings_from(cfg))
     return save_results(results, out, dicom=bool(cfg.dicom), view=infer_view(prompt, attributes),
@@ -104,8 +116,7 @@ def run_full_flow(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]:
     from mame_lightning.pipelines.full import run_full
 
     inpainter = load(cfg, cfg.inpaint_model_path)
-    attributes = attributes_from(cfg)
-    prompt = build_prompt(model.metadata, "text2image", prompt=cfg.prompt, attributes=attributes)
+    prompt, attributes = prompt_and_attributes(cfg, model)
     lesion_prompt = cfg.lesion_prompt or build_prompt(inpainter.metadata, "inpaint")
     print(f"prompt: {prompt}\nlesion prompt: {lesion_prompt}")
     return run_full(
@@ -124,12 +135,16 @@ def _box_text(box) -> str:
 
 def run(cfg: DictConfig) -> list[dict]:
     """Load the model(s), generate, write the folder; returns the index rows (or findings for mode=full)."""
+    if int(cfg.n) < 1:
+        raise ValueError(f"n={cfg.n}: ask for at least one image")
     model = load(cfg, cfg.model_path)
     mode = resolve_mode(cfg, model.task)
     out = Path(str(cfg.out))
     runner = {"text2image": run_text2image, "inpaint": run_inpaint, "full": run_full_flow}[mode]
     rows = runner(cfg, model, out)
-    print(f"wrote {len(rows)} {mode} image(s) to {out}")
+    timings = json.loads((out / TIMINGS_FILE).read_text())
+    print(f"wrote {len(rows)} {mode} image(s) to {out} ({timings['seconds_per_image']:.2f} s per image "
+          f"on {timings['device']}; {TIMINGS_FILE}, images.csv)")
     return rows
 
 

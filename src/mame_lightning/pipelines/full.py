@@ -26,7 +26,8 @@ from mame_lightning.pipelines.outputs import csv_text, write_index, write_text, 
 
 FINDINGS_FILE = "finding_annotations.csv"
 FINDING_COLUMNS = ["image_id", "study_id", "series_id", "laterality", "view_position", "height", "width",
-                   "breast_density", "finding_categories", "finding_birads", "xmin", "ymin", "xmax", "ymax", "split"]
+                   "breast_birads", "breast_density", "finding_categories", "finding_birads", "xmin", "ymin", "xmax",
+                   "ymax", "split"]
 DEFAULT_LESION_PROMPT = "a mammogram with a lesion"
 
 
@@ -69,12 +70,24 @@ def snap_box(box: Box, size: int, category: str) -> Box:
     return Box(float(x0), float(y0), float(x1), float(y1), category)
 
 
+def vindr_density(density: str | None) -> str:
+    """A density word back in VinDr's spelling ("high" -> "DENSITY C"); other text as it is."""
+    from mame_lightning.data.prompts import DENSITY_WORDS
+
+    letters = {word.lower(): letter for letter, word in DENSITY_WORDS.items()}
+    if not density:
+        return ""
+    letter = letters.get(str(density).lower())
+    return f"DENSITY {letter}" if letter else str(density)
+
+
 def finding_row(image_id: str, box: Box, size: int, *, view: str | None, density: str | None,
                 birads: str) -> dict:
     """One VinDr-Mammo finding line (categories as a Python-list string, as VinDr writes them)."""
     return {
         "image_id": image_id, "study_id": image_id, "series_id": image_id, "laterality": "L",
-        "view_position": view or "", "height": size, "width": size, "breast_density": density or "",
+        "view_position": view or "", "height": size, "width": size, "breast_birads": birads or "",
+        "breast_density": vindr_density(density),
         "finding_categories": repr([box.category]), "finding_birads": birads or "",
         "xmin": int(box.x0), "ymin": int(box.y0), "xmax": int(box.x1), "ymax": int(box.y1), "split": "training",
     }
