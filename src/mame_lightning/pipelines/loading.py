@@ -155,9 +155,9 @@ def pipeline_class(task: str):
 def _dtype_argument(dtype: torch.dtype) -> dict:
     """diffusers renamed `torch_dtype` to `dtype` (0.42); older releases only know the first."""
     import diffusers
-    from packaging.version import Version
 
-    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}
 
 
 def load_folder(folder: str | Path, *, device: str | None = "auto", dtype: str | None = "auto",
