@@ -59,7 +59,8 @@ class AutoencoderModule(L.LightningModule):
         return rec, kl
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
-        generator = step_generator(self.hparams.seed, self.global_step, batch_idx, self.global_rank, self.device)
+        # Keyed by the global step (not Lightning's batch_idx) so a resumed run draws the same samples.
+        generator = step_generator(self.hparams.seed, self.global_step, 0, self.global_rank, self.device)
         rec, kl = self.losses(batch, generator)
         loss = rec + self.hparams.kl_weight * kl
         if not torch.isfinite(loss):

@@ -2,8 +2,8 @@
 
 The diffusion maths (noise, timesteps, targets, losses, conditioning) lives in `diffusion.py`;
 this module wires the components together, keeps the frozen parts frozen, and derives every
-random draw of a step from (seed, global step, batch index, rank) so that a run resumed from a
-checkpoint draws exactly the numbers an uninterrupted run would have drawn.
+random draw of a step from (seed, global step, micro-batch index, rank) so that a run resumed
+from a checkpoint draws exactly the numbers an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ class Text2ImageModule(L.LightningModule):
         self.ema = build_ema(self.unet, ema) if train_unet else None
         self.skipped_steps = 0
         self._ema_last_step: int | None = None
+        self._micro_step: int | None = None
+        self._micro_index = 0
 
     # -- structure --------------------------------------------------------------------------
     def expected_in_channels(self) -> int:
@@ -163,9 +165,13 @@ class Text2ImageModule(L.LightningModule):
         key = f"{prefix}pixel_values"
         if key not in batch:
             raise KeyError(f"batch has neither {prefix}latent_mean nor {key}: keys {sorted(batch)}")
-        with torch.no_grad():
+        with torch.no_grad(), self.outside_autocast():
             pixels = batch[key].to(device=self.device, dtype=self.vae.dtype)
             return diffusion.encode_latents(self.vae, pixels, generator).float()
+
+    def outside_autocast(self):
+        """Frozen parts run in their own dtype: an fp16 VAE under bf16 autocast mixes dtypes on CPU."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
 
     def empty_prompt_ids(self, length: int) -> torch.Tensor:
         """Token ids of the empty prompt (the unconditional branch of classifier-free guidance)."""
@@ -175,7 +181,11 @@ class Text2ImageModule(L.LightningModule):
         return ids[0].to(self.device)
 
     def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.text_encoder(input_ids.to(self.device))[0]
+        if self.hparams.train_text_encoder:
+            hidden = self.text_encoder(input_ids.to(self.device))[0]
+        else:
+            with torch.no_grad(), self.outside_autocast():
+                hidden = self.text_encoder(input_ids.to(self.device))[0]
         return hidden.to(self.unet.dtype)
 
     def unet_input(self, noisy: torch.Tensor, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
@@ -216,8 +226,21 @@ class Text2ImageModule(L.LightningModule):
         return loss_of(~prior) + prior_loss if (~prior).any() else prior_loss
 
     # -- Lightning steps --------------------------------------------------------------------
+    def micro_batch_index(self) -> int:
+        """Which micro-batch of the current optimiser step this is (0 without accumulation).
+
+        Lightning's batch_idx is not reproducible across a resume (it can continue counting
+        into a restarted epoch), so the generator key counts micro-batches per global step.
+        """
+        if self._micro_step != self.global_step:
+            self._micro_step, self._micro_index = self.global_step, 0
+        else:
+            self._micro_index += 1
+        return self._micro_index
+
     def training_step(self, batch: Mapping, batch_idx: int):
-        generator = step_generator(self.hparams.seed, self.global_step, batch_idx, self.global_rank, self.device)
+        micro = self.micro_batch_index()
+        generator = step_generator(self.hparams.seed, self.global_step, micro, self.global_rank, self.device)
         loss = self.compute_loss(batch, generator, self.hparams.prompt_dropout)
         batch_size = len(batch["input_ids"])
         if not torch.isfinite(loss):
