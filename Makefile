@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench bench-prepare clean
+.PHONY: setup test test-fast demo app chromium bench bench-prepare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# Browser tests drive Debian's chromium; without it they skip (CI runs as root and installs it).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: browser tests will skip"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
@@ -24,6 +28,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m mame_lightning.demo
+
+# The combined GUI: make app ARGS="model.text2image=EXPORT_DIR model.inpaint=EXPORT_DIR"
+app: $(STAMP)
+	$(BIN)/python -m mame_lightning.app $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
