@@ -175,3 +175,14 @@ def test_full_size_renders_quickly_and_keeps_its_area_class():
     assert phantom.image.shape == (3328, 2560)
     assert elapsed < 2.0, f"full-size phantom took {elapsed:.2f} s of CPU"
     assert tissue.area_class(prepared_area(phantom.image, 64)) == "small"
+
+
+def test_view_is_recoverable_by_the_fidelity_heuristic_at_64_px():
+    from mame_lightning.eval.fidelity import measure_view
+
+    for seed, (density, area) in enumerate([("A", "small"), ("D", "big"), ("C", "medium"),
+                                            ("D", "medium"), ("B", "big")]):
+        for view in ("CC", "MLO"):
+            image = render(seed, height=256, width=208, view=view, density=density, area=area).image
+            small = geometry.apply_image(image, geometry.plan(256, 208, 64))
+            assert measure_view(to_uint8(small)) == view, (seed, density, area)

@@ -34,8 +34,8 @@ CATEGORY_NAMES = {
 
 # Ratios drawn well inside each class of the (0.4, 0.6) split, so the class survives resizing.
 AREA_TARGETS = {"small": (0.25, 0.33), "medium": (0.47, 0.53), "big": (0.68, 0.78)}
-# Share of the breast covered by fibroglandular tissue for each BI-RADS density letter.
-DENSE_FRACTION = {"A": 0.05, "B": 0.22, "C": 0.45, "D": 0.7}
+# Share of the inner breast (away from skin line and corners) covered by fibroglandular tissue.
+DENSE_FRACTION = {"A": 0.05, "B": 0.25, "C": 0.55, "D": 0.85}
 # A gentle vendor look (display gamma, noise), enough for the vendor prompt to mean something.
 VENDOR_LOOK = {"siemens": (1.0, 0.012), "hologic": (0.85, 0.008), "other": (1.15, 0.016)}
 
@@ -203,7 +203,10 @@ def _gland(shape: _Shape, density: str, ys: np.ndarray, xs: np.ndarray,
     blobs = 0.8 * coarse / (coarse.std() + 1e-8) + 0.45 * fine / (fine.std() + 1e-8)
     r_ellipse, _ = _radii(shape, ys, xs)
     potential = blobs + 2.0 * (1.0 - np.clip(r_ellipse, 0, 1))  # glands gather behind the nipple
-    inside = r_ellipse < 0.95
+    # No glands right under the skin, nor in the upper and lower corners at the chest wall
+    # (where a CC gland blob could pass for a pectoral muscle).
+    fade = _smoothstep(0.98, 0.85, np.hypot(xs / shape.a, (ys - shape.cy) / (0.85 * shape.b)))
+    inside = fade > 0.5
     share = DENSE_FRACTION[density]
     level = float(np.quantile(potential[inside], 1.0 - share)) if inside.any() else 0.0
     gland = _smoothstep(level - 0.9, level + 0.9, potential)
@@ -217,7 +220,6 @@ def _gland(shape: _Shape, density: str, ys: np.ndarray, xs: np.ndarray,
     coords = np.stack([(angle + np.pi) / (2 * np.pi) * 160, np.clip(dist, 0, 1.5) * 15])
     strands = ndimage.map_coordinates(strand_noise, coords, order=1, mode="grid-wrap")
     strands = _smoothstep(-0.3, 1.8, strands) * _smoothstep(0.1, 0.45, dist)
-    fade = _smoothstep(0.97, 0.85, r_ellipse)  # no glands right under the skin
     return np.clip(gland * (0.75 + 0.25 * strands) + 0.15 * strands, 0.0, 1.0) * fade
 
 
