@@ -263,3 +263,16 @@ def test_sd15_arch_builds_and_loads_at_full_size(tmp_path):
 def test_non_string_words_are_refused():
     with pytest.raises(TypeError, match="quote"):
         build_tokenizer(["a", False])
+
+
+def test_vae_path_swaps_in_another_autoencoder(tmp_path, cache, tiny_cfg, tiny):
+    other = copy.deepcopy(tiny.vae)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.5)
+    other.save_pretrained(tmp_path / "vae")
+    swapped = tiny_components(cache, **{**tiny_cfg, "vae_path": str(tmp_path / "vae")})
+    for mine, theirs in zip(swapped.vae.parameters(), other.parameters()):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(swapped.vae.encoder.conv_in.weight, tiny.vae.encoder.conv_in.weight)
+    assert not any(p.requires_grad for p in swapped.vae.parameters())

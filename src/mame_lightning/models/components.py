@@ -196,12 +196,14 @@ def load_components(
     train_text_encoder: bool = True,
     inpaint_in_channels: int | None = None,
     local_files_only: bool | None = None,
+    vae_path: str | None = None,
 ) -> SDComponents:
     """Load the parts of a Stable Diffusion pipeline (hub id or folder) ready for training.
 
     Trainable parts (UNet, text encoder when trained) are float32 whatever the variant: fp16
     master weights make mixed-precision training fail ("Attempting to unscale FP16 gradients").
     Frozen parts are cast to `frozen_dtype` (float32 when None) and have gradients off.
+    `vae_path` swaps in another AutoencoderKL folder (e.g. one fine-tuned with task=autoencoder).
     """
     path = str(path)
     common = {"variant": variant, "revision": revision, "local_files_only": local_files_only}
@@ -209,7 +211,10 @@ def load_components(
     if scheduler.config.get("variance_type") is None:  # a DPM-Solver config leaves it empty
         scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
     text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", **common)
-    vae = _from_pretrained(AutoencoderKL, path, "vae", **common)
+    if vae_path:
+        vae = _from_pretrained(AutoencoderKL, str(vae_path), "", local_files_only=local_files_only)
+    else:
+        vae = _from_pretrained(AutoencoderKL, path, "vae", **common)
     unet = _from_pretrained(UNet2DConditionModel, path, "unet", **common)
     tokenizer = _from_pretrained(CLIPTokenizer, path, "tokenizer", revision=revision, local_files_only=local_files_only)
     _check_tokenizer(tokenizer, text_encoder, path)
@@ -324,19 +329,21 @@ def _config_hash(**config: Any) -> str:
 
 def tiny_components(cache_dir, *, words, unet: dict, vae: dict, text_encoder: dict, sample_size: int = 64,
                     seed: int = 0, inpaint: bool = False, variant: str | None = None,
-                    frozen_dtype: str | None = None, train_text_encoder: bool = True) -> SDComponents:
+                    frozen_dtype: str | None = None, train_text_encoder: bool = True,
+                    vae_path: str | None = None) -> SDComponents:
     """A small random Stable Diffusion, built once per config under cache_dir, loaded like SD v1.5."""
     build = {"words": words, "unet": unet, "vae": vae, "text_encoder": text_encoder, "sample_size": sample_size,
              "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant}
-    return _cached_components(cache_dir, "tiny", build, frozen_dtype, train_text_encoder)
+    return _cached_components(cache_dir, "tiny", build, frozen_dtype, train_text_encoder, vae_path)
 
 
-def _cached_components(cache_dir, prefix: str, build: dict, frozen_dtype, train_text_encoder) -> SDComponents:
+def _cached_components(cache_dir, prefix: str, build: dict, frozen_dtype, train_text_encoder,
+                       vae_path: str | None = None) -> SDComponents:
     folder = Path(cache_dir) / f"{prefix}-{_config_hash(format=_BUILD_FORMAT, **build)}"
     if not (folder / "model_index.json").is_file():
         build_tiny(folder, **build)
     return load_components(str(folder), variant=build["variant"], frozen_dtype=frozen_dtype,
-                           train_text_encoder=train_text_encoder, local_files_only=True)
+                           train_text_encoder=train_text_encoder, local_files_only=True, vae_path=vae_path)
 
 
 def build_sd15_arch(folder, inpaint: bool = False, *, words, seed: int = 0, variant: str | None = None) -> str:
