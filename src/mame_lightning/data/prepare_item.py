@@ -1,0 +1,177 @@
+"""One image through MAM-E's preparation: read, filter, orient, crop, describe, write.
+
+Runs inside worker processes, so it takes plain arguments and returns a plain outcome dict:
+``status`` kept / filtered / rejected, the ``kind`` and ``reason`` of a drop, the ``task`` and the
+metadata ``line`` of a kept image, plus any orientation disagreement and lesions that fell
+outside the crop. Bad files become rejections, never exceptions, so one broken DICOM cannot stop
+a run over twenty thousand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from mame_lightning.data.dicom import DicomError, read_dicom, tag_metadata, to_float_image, to_uint8
+from mame_lightning.data.dicom import normalise_vendor
+from mame_lightning.data.filters import filter_reason, merge_attributes, unlocalised_reason, view_modifiers
+from mame_lightning.data.geometry import Geometry, apply_image, box_mask, map_box, plan
+from mame_lightning.data.prompts import density_word, render_prompt
+from mame_lightning.data.records import Box, ImageRecord
+from mame_lightning.data.report import TASKS, write_png
+from mame_lightning.data.tissue import area_class, area_ratio, chest_wall_side, tissue_mask
+
+# DicomError reasons -> the short kind counted in the report.
+_REJECT_KINDS = (
+    ("file not found", "missing file"),
+    ("not a dicom", "not DICOM"),
+    ("truncated", "truncated"),
+    ("no pixel data", "no pixel data"),
+    ("cannot decode", "undecodable pixel data"),
+)
+BOX_DECIMALS = 2
+
+
+class BlankImage(ValueError):
+    """The image holds no tissue to describe or orient (e.g. a constant frame)."""
+
+
+def _drop(status: str, kind: str, reason: str, **extra) -> dict:
+    return {"status": status, "task": None, "kind": kind, "reason": reason, **extra}
+
+
+def reject_kind(reason: str) -> str:
+    lowered = reason.lower()
+    return next((kind for key, kind in _REJECT_KINDS if key in lowered), "unreadable")
+
+
+def orient(img: np.ndarray, laterality: str | None, size: int, check: bool):
+    """Resize + crop, flipping right breasts; the pixels overrule a tag that disagrees.
+
+    Returns (image, geometry, tissue mask, disagreed) where ``disagreed`` is True when the
+    laterality tag pointed the other way than the tissue.
+    """
+    height, width = img.shape[:2]
+    geom = plan(height, width, size, flip=laterality == "R")
+    out = apply_image(img, geom)
+    mask = tissue_mask(out)
+    if not mask.any():
+        raise BlankImage("no breast tissue found (blank image)")
+    if not check or chest_wall_side(mask) == "left":
+        return out, geom, mask, False
+    geom = plan(height, width, size, flip=not geom.flip)
+    out = apply_image(img, geom)
+    return out, geom, tissue_mask(out), laterality is not None
+
+
+def _rounded(box: Box) -> Box:
+    return Box(*(round(float(v), BOX_DECIMALS) for v in (box.x0, box.y0, box.x1, box.y1)), box.category)
+
+
+def map_boxes(record: ImageRecord, geom: Geometry, item_id: str) -> tuple[list[Box], list[dict]]:
+    """Boxes in prepared coordinates, and the ones that fell outside the crop (for the report)."""
+    inside, outside = [], []
+    for box in record.boxes:
+        mapped = map_box(box, geom)
+        if mapped is None:
+            outside.append({"file": record.source, "id": item_id, "box": box.to_list()})
+        else:
+            inside.append(_rounded(mapped))
+    return inside, outside
+
+
+def describe(attrs: Mapping, vendor: str, record: ImageRecord, mask: np.ndarray,
+             settings: Mapping) -> dict:
+    """Prompt attributes of a prepared image: view, density word, area class, vendor."""
+    ratio = float(area_ratio(mask))
+    return {
+        "view": attrs["view"],
+        "density": density_word(record.density, settings["density_words"]) if record.density else None,
+        "area_ratio": round(ratio, 4),
+        "area": area_class(ratio, tuple(settings["area_thresholds"]), tuple(settings["area_labels"])),
+        "vendor": vendor,
+    }
+
+
+def prompt_for(task: str, described: Mapping, settings: Mapping) -> str:
+    attrs = dict(described)
+    if attrs.get("vendor") == "other":  # an unnamed vendor says nothing useful in a prompt
+        attrs["vendor"] = None
+    return render_prompt(settings["templates"][task], attrs)
+
+
+def metadata_line(item_id: str, task: str, record: ImageRecord, attrs: Mapping, described: Mapping,
+                  flipped: bool, boxes: list[Box], settings: Mapping) -> dict:
+    line = {
+        "id": item_id,
+        "file_name": f"images/{item_id}.png",
+        "source": record.source,
+        "prompt": prompt_for(task, described, settings),
+        "view": described["view"],
+        "laterality": attrs["laterality"],
+        "vendor": described["vendor"],
+        "density": described["density"],
+        "area_ratio": described["area_ratio"],
+        "area": described["area"],
+        "split": record.split,
+        "flipped": bool(flipped),
+    }
+    if task == "inpaint":
+        line["mask"] = f"masks/{item_id}.png"
+        line["boxes"] = [box.to_list() for box in boxes]
+    return line
+
+
+def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str) -> dict:
+    path = raw_dir / record.source
+    if not path.is_file():
+        return _drop("rejected", "missing file", "listed in the metadata but missing on disk")
+    unlocalised = unlocalised_reason(record)
+    if unlocalised:
+        return _drop("filtered", *unlocalised)
+    ds = read_dicom(path)
+    tags = {**tag_metadata(ds), "view_modifiers": view_modifiers(ds)}
+    attrs = merge_attributes(record, tags)
+    vendor = normalise_vendor(attrs["manufacturer"])
+    dropped = filter_reason(attrs, vendor, settings["filters"])
+    if dropped:
+        return _drop("filtered", *dropped)
+
+    try:
+        pixels = to_uint8(to_float_image(ds))
+        image, geom, mask, disagreed = orient(pixels, attrs["laterality"], settings["size"],
+                                              settings["check_orientation"])
+    except BlankImage as err:
+        return _drop("rejected", "no tissue", str(err))
+    boxes, outside = map_boxes(record, geom, item_id)
+    extra = {"lesions_outside_crop": outside}
+    if disagreed:
+        extra["orientation_disagreement"] = {
+            "file": record.source, "id": item_id, "laterality": attrs["laterality"],
+            "chest_wall_before_correction": "right"}
+    if record.boxes and not boxes:
+        return _drop("filtered", "lesions outside crop",
+                     f"all {len(record.boxes)} lesion box(es) fall outside the crop", **extra)
+
+    task = "inpaint" if boxes else "text2image"
+    described = describe(attrs, vendor, record, mask, settings)
+    line = metadata_line(item_id, task, record, attrs, described, geom.flip, boxes, settings)
+    write_png(out_dir / task / line["file_name"], image)
+    if task == "inpaint":
+        write_png(out_dir / task / line["mask"], box_mask(boxes, settings["size"]))
+    return {"status": "kept", "task": task, "kind": None, "reason": None, "line": line, **extra}
+
+
+def prepare_item(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str) -> dict:
+    """The outcome of one record; files of a kept image are written before returning."""
+    try:
+        return _prepare(record, raw_dir, out_dir, settings, item_id)
+    except DicomError as err:
+        return _drop("rejected", reject_kind(err.reason), err.reason)
+    except Exception as err:  # noqa: BLE001 - a broken file must not stop the whole run
+        return _drop("rejected", "processing error", f"{type(err).__name__}: {str(err)[:200]}")
+
+
+__all__ = ["TASKS", "orient", "prepare_item", "reject_kind"]

@@ -1,0 +1,92 @@
+"""The synthetic phantom set: written on first use, then read like the real data sets.
+
+The raw set is generated into raw_dir (``vindr/`` in the VinDr-Mammo layout, ``omi/`` in the
+OMI-DB layout) and read back through the same adapters real data goes through, so the default
+pipeline exercises every code path without restricted data. A ``synthetic.json`` marker holds
+the generator settings; a raw folder written with other settings is regenerated, a folder
+without the marker is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mame_lightning.data.records import ImageRecord
+from mame_lightning.data.sources import CombinedSource, SourceError
+from mame_lightning.data.sources.omi import OmiSource
+from mame_lightning.data.sources.vindr import VinDrSource
+
+log = logging.getLogger(__name__)
+
+MARKER = "synthetic.json"
+
+
+class SyntheticSource:
+    """Generate ``n`` phantoms of ``height``×``width`` (seeded) and list them.
+
+    ``options`` go to ``write_synthetic_set`` (e.g. ``lesion_fraction``) and, like the size and
+    seed, decide whether an existing raw set can be reused; ``progress`` only shows a bar.
+    """
+
+    def __init__(self, n: int = 1000, height: int = 256, width: int = 208, seed: int = 0,
+                 options: dict | None = None, progress: bool = True):
+        self.settings = {"n": int(n), "height": int(height), "width": int(width),
+                         "seed": int(seed), "options": dict(options or {})}
+        self.progress = bool(progress)
+        self.parts = CombinedSource({"vindr": VinDrSource(), "omi": OmiSource()})
+
+    def records(self, raw_dir: str | Path) -> Iterator[ImageRecord]:
+        ensure_raw_set(Path(raw_dir), self.settings, self.progress)
+        yield from self.parts.records(raw_dir)
+
+
+def _marker_settings(raw_dir: Path) -> dict | None:
+    try:
+        return json.loads((raw_dir / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def ensure_raw_set(raw_dir: Path, settings: dict, progress: bool = True) -> bool:
+    """Write the raw set unless raw_dir already holds one made with these settings.
+
+    Generation goes to a temporary sibling folder that replaces raw_dir only when complete,
+    so an interrupted run never leaves a half-written raw set behind. Returns True when written.
+    """
+    if _marker_settings(raw_dir) == settings:
+        return False
+    if raw_dir.exists() and any(raw_dir.iterdir()) and _marker_settings(raw_dir) is None:
+        raise SourceError(raw_dir, f"not empty and has no {MARKER}; refusing to overwrite it "
+                                   "with a synthetic set (choose another dataset.raw_dir)")
+    from mame_lightning.data.synthetic_set import write_synthetic_set
+
+    raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.", dir=raw_dir.parent))
+    log.info("writing synthetic raw set (%d images) to %s", settings["n"], raw_dir)
+    try:
+        write_synthetic_set(staging, n=settings["n"], height=settings["height"],
+                            width=settings["width"], seed=settings["seed"], progress=progress,
+                            **settings["options"])
+        (staging / MARKER).write_text(json.dumps(settings, indent=2, sort_keys=True))
+        _swap_in(staging, raw_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def _swap_in(staging: Path, raw_dir: Path) -> None:
+    """Move the finished set into place; an old synthetic set is removed after the swap."""
+    old = None
+    if raw_dir.exists():
+        old = raw_dir.with_name(f".{raw_dir.name}.old.{os.getpid()}")
+        os.replace(raw_dir, old)
+    os.replace(staging, raw_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

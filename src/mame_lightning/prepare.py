@@ -1,0 +1,25 @@
+"""Prepare a raw mammography set for training: ``python -m mame_lightning.prepare dataset=NAME``.
+
+Datasets: vindr, omi_h, fusion, folder, synthetic (default; generated on first use). Any folder of
+DICOMs works with ``dataset=folder dataset.raw_dir=IN dataset.prepared_dir=OUT``. Re-running
+resumes an interrupted run and leaves a finished one as it is.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from mame_lightning.data.preparation import prepare_from_config
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    prepare_from_config(cfg)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["main", "prepare_from_config"]
