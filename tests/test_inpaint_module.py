@@ -1,0 +1,96 @@
+"""InpaintModule: the 9-channel UNet input in the pipeline's order, both batch forms, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
+    SIZE, adamw, collate, loader, model_cache, one_thread, same_weights, tiny, toy_items, trainer, weights,
+)
+
+from mame_lightning.models.inpaint import InpaintModule
+from mame_lightning.models.text2image import step_generator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def module(cache, **options):
+    return InpaintModule(tiny(cache, inpaint=True), adamw(), **options)
+
+
+def capture_unet_input(m, record: dict):
+    return m.unet.register_forward_pre_hook(lambda mod, args: record.update(x=args[0].detach().clone()))
+
+
+def cached_batch(m, items) -> dict:
+    """Latent-cache form; the masked image's posterior has (almost) no variance so its latents are known."""
+    batch = collate(items)
+    with torch.no_grad():
+        image = m.vae.encode(batch["pixel_values"]).latent_dist
+        masked = m.vae.encode(batch["masked_pixel_values"]).latent_dist
+    return {
+        "latent_mean": image.mean, "latent_logvar": image.logvar,
+        "masked_latent_mean": masked.mean, "masked_latent_logvar": torch.full_like(masked.logvar, -30.0),
+        "mask": batch["mask"], "input_ids": batch["input_ids"],
+    }
+
+
+def test_unet_gets_noisy_latents_mask_and_masked_image_latents_in_that_order(model_cache):
+    m = module(model_cache)
+    batch = cached_batch(m, toy_items(m.components, inpaint=True))
+    record = {}
+    capture_unet_input(m, record)
+    with torch.no_grad():
+        m.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
+    x = record["x"]
+    assert x.shape == (4, 9, SIZE // 4, SIZE // 4)
+    mask_latent = F.interpolate(batch["mask"], size=x.shape[-2:])
+    assert mask_latent.sum() > 0 and torch.equal(x[:, 4:5], mask_latent)
+    scaling = m.vae.config.scaling_factor
+    assert torch.allclose(x[:, 5:9], batch["masked_latent_mean"] * scaling, atol=1e-4)
+    assert not torch.allclose(x[:, :4], batch["masked_latent_mean"] * scaling, atol=1e-2)
+
+
+def test_cached_and_pixel_inpaint_batches_give_the_same_loss(model_cache):
+    m = module(model_cache)
+    items = toy_items(m.components, inpaint=True)
+    pixels = collate(items)
+    cached = cached_batch(m, items)
+    with torch.no_grad():
+        cached["masked_latent_logvar"] = m.vae.encode(pixels["masked_pixel_values"]).latent_dist.logvar
+        a = m.compute_loss(pixels, step_generator(1, 2, 0, 0, "cpu"), 0.1)
+        b = m.compute_loss(cached, step_generator(1, 2, 0, 0, "cpu"), 0.1)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-6)
+
+
+def test_masked_pixels_are_derived_when_the_batch_lacks_them(model_cache):
+    m = module(model_cache)
+    batch = collate(toy_items(m.components, inpaint=True))
+    without = {k: v for k, v in batch.items() if k != "masked_pixel_values"}
+    with torch.no_grad():
+        a = m.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
+        b = m.compute_loss(without, step_generator(0, 0, 0, 0, "cpu"), 0.0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_inpaint_training_updates_the_unet_and_keeps_the_vae(model_cache):
+    m = module(model_cache)
+    vae, unet = weights(m.vae), weights(m.unet)
+    fit = trainer(max_steps=2)
+    fit.fit(m, loader(toy_items(m.components, inpaint=True)))
+    assert fit.global_step == 2
+    assert same_weights(vae, weights(m.vae)) and not same_weights(unet, weights(m.unet))
+
+
+def test_a_four_channel_unet_is_refused_with_the_fix(model_cache):
+    with pytest.raises(ValueError, match=r"9 input channels.*has 4.*model=sd15_inpaint"):
+        InpaintModule(tiny(model_cache), adamw())
+
+
+def test_a_batch_without_mask_is_refused(model_cache):
+    m = module(model_cache)
+    batch = collate(toy_items(m.components, inpaint=True))
+    del batch["mask"]
+    with pytest.raises(KeyError, match="mask"):
+        m.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
