@@ -127,27 +127,29 @@ def plan_set(n: int, seed: int = 0, lesion_fraction: float = 0.3, calcifications
     lesion_weights = {(): 1.0 - lesion_fraction} | {k: lesion_fraction * w for k, w in mix.items()}
     common = {"laterality": spread(n, {"L": 1, "R": 1}, rng),
               "density": spread(n, dict.fromkeys(DENSITIES, 1), rng),
-              "area": spread(n, dict.fromkeys(AREA_CLASSES, 1), rng),
-              "lesions": spread(n, lesion_weights, rng)}
+              "area": spread(n, dict.fromkeys(AREA_CLASSES, 1), rng)}
     common |= {name: spread(n, weights, rng) for name, weights in VARIANTS.items()}
     plans: list[ImagePlan] = []
     patient = 0
     for layout in ("vindr", "omi"):
         indices = [i for i, name in enumerate(layouts) if name == layout]
+        # Lesion kinds are dealt per layout, so each layout gets each kind once n allows.
+        mixes = LAYOUT_MIX[layout] | {"lesions": lesion_weights}
+        own = {k: spread(len(indices), w, rng) for k, w in mixes.items()}
+        order = list(range(len(indices)))
         if layout == "omi":  # clients are either healthy or have lesions, as OMI-DB statuses say
-            indices.sort(key=lambda i: not common["lesions"][i])
-        own = {k: spread(len(indices), w, rng) for k, w in LAYOUT_MIX[layout].items()}
-        for start in range(0, len(indices), images_per_group):
+            order.sort(key=lambda k: not own["lesions"][k])
+        for start in range(0, len(order), images_per_group):
             group_hex, patient = _hex_id(rng), patient + 1
             group = group_hex if layout == "vindr" else f"demd{patient:05d}"
             study_uids = [_uid(group_hex)] * 2 if layout == "vindr" else \
                 [_uid(_hex_id(rng)) for _ in range(2)]
-            for k in range(start, min(start + images_per_group, len(indices))):
+            for position, k in enumerate(order[start:start + images_per_group]):
                 index = indices[k]
                 image_hex, series_hex = _hex_id(rng), _hex_id(rng)
                 values = {name: column[index] for name, column in common.items()}
                 values |= {name: column[k] for name, column in own.items()}
-                study_uid, sop_uid = study_uids[(k - start) // 2], _uid(image_hex)
+                study_uid, sop_uid = study_uids[position // 2], _uid(image_hex)
                 path = (f"vindr/images/{group}/{image_hex}.dicom" if layout == "vindr"
                         else f"omi/images/{group}/{study_uid}/{sop_uid}.dcm")
                 birads = int(rng.choice([3, 4, 5]) if values["lesions"] else rng.choice([1, 1, 2]))

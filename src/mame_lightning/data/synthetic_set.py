@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +96,25 @@ def render_file(plan: ImagePlan, root: Path, height: int, width: int, seed: int)
                "SeriesDescription": ("MAGNIFICATION " if plan.special_protocol else "")
                + f"{plan.laterality} {plan.view}",
                "InstitutionName": "SYNTHETIC PHANTOM CLINIC"})
-    save_dataset(ds, root / plan.path, transfer_syntax=plan.compression)
+    with _quiet("openjpeg"):  # the JPEG 2000 encoder logs every tile at INFO
+        save_dataset(ds, root / plan.path, transfer_syntax=plan.compression)
     _restore_instance_uid(root / plan.path, plan.sop_uid)
     metadata = {column: _tag_text(ds, keyword)
                 for column, keyword in zip(VINDR_METADATA_COLUMNS, VINDR_METADATA_KEYWORDS)}
     findings = [[round(b.x0, 2), round(b.y0, 2), round(b.x1, 2), round(b.y1, 2), list(cats)]
                 for b, cats in zip(phantom.boxes, phantom.categories)]
     return {"findings": findings, "metadata": metadata}
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _restore_instance_uid(path: Path, sop_uid: str) -> None:
