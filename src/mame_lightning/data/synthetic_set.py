@@ -30,7 +30,7 @@ from pydicom.multival import MultiValue
 from tqdm import tqdm
 
 from mame_lightning.data.dicom import normalise_vendor
-from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
+from mame_lightning.data.dicom_writer import TRANSFER_SYNTAXES, make_mammogram_dataset, save_dataset
 from mame_lightning.data.phantoms import PhantomSpec, render_phantom
 from mame_lightning.data.synthetic_plan import (FORMAT_VERSION, ImagePlan, fingerprint, phi_of,
                                                 plan_counts, plan_set)
@@ -98,7 +98,8 @@ def render_file(plan: ImagePlan, root: Path, height: int, width: int, seed: int)
                "InstitutionName": "SYNTHETIC PHANTOM CLINIC"})
     with _quiet("openjpeg"):  # the JPEG 2000 encoder logs every tile at INFO
         save_dataset(ds, root / plan.path, transfer_syntax=plan.compression)
-    _restore_instance_uid(root / plan.path, plan.sop_uid)
+    if TRANSFER_SYNTAXES[plan.compression].is_compressed:
+        _restore_instance_uid(root / plan.path, plan.sop_uid)
     metadata = {column: _tag_text(ds, keyword)
                 for column, keyword in zip(VINDR_METADATA_COLUMNS, VINDR_METADATA_KEYWORDS)}
     findings = [[round(b.x0, 2), round(b.y0, 2), round(b.x1, 2), round(b.y1, 2), list(cats)]
