@@ -177,6 +177,7 @@ def fidelity_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, t
               "attributes": report, "images_csv": str(out / "fidelity_images.csv")}
     write_csv(out / "fidelity_images.csv", rows)
     atomic_write_json(out / "fidelity.json", result)
+    print(f"fidelity{tag}: {out / 'fidelity.json'} (per image: {out / 'fidelity_images.csv'})")
     for attribute, entry in report.items():
         if entry.get("agreement") is not None:
             print(f"prompt fidelity{tag} — {attribute} agreement: "
@@ -232,7 +233,7 @@ def fid_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, real_e
               "real_dir": str(cfg.real_dir), "generated_dir": str(out / "generated") if fcfg.save_images else None}
     atomic_write_json(out / "fid.json", result)
     print(f"FID{tag}: {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± "
-          f"{result['kid_std']:.4f} ({result['n_real']} real, {result['n_fake']} generated)")
+          f"{result['kid_std']:.4f} ({result['n_real']} real, {result['n_fake']} generated): {out / 'fid.json'}")
     return result
 
 
@@ -274,8 +275,10 @@ def evaluate_models(cfg: DictConfig, out: Path, modes: Sequence[str], scales: Se
         release_memory()
     if rows:
         results["sweep"] = write_sweep_outputs(rows, out)
-        results["sweep"]["tensorboard"] = str(out / "tensorboard")
+        results["sweep"].update(tensorboard=str(out / "tensorboard"), samples=str(out / "samples"))
         print(results["sweep"]["markdown"])
+        print(f"sweep: {results['sweep']['csv']}, {results['sweep']['table']}, {results['sweep']['plot']}; "
+              f"sample grids in {out / 'samples'}; tensorboard --logdir {out / 'tensorboard'}")
     return results
 
 
