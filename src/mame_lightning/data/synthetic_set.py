@@ -279,4 +279,4 @@ def write_synthetic_set(out_dir: str | os.PathLike, n: int, height: int = 256, w
             "manifest": str(manifest_path), "phi_strings": phi}
 
 
-__all__ = ["render_file", "write_synthetic_set"]
+__all__ = ["ImagePlan", "phi_of", "plan_set", "render_file", "write_synthetic_set"]  # plan names re-exported
