@@ -9,7 +9,6 @@ once and serve every mode asked for (`mode=all`), one model at a time to bound m
 from __future__ import annotations
 
 import gc
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,8 +25,6 @@ from mame_lightning.evaluation_inputs import (EvaluationError, attribute_combina
                                               model_paths, sample_grid, sweep_prompts, sweep_scales)
 from mame_lightning.pipelines.generation import text2image
 from mame_lightning.pipelines.loading import LoadedModel, load_model
-
-log = logging.getLogger(__name__)
 
 MODES = ("sweep", "fidelity", "fid", "all", "reader_make", "reader_score")
 MODEL_MODES = ("sweep", "fidelity", "fid")
