@@ -4,6 +4,7 @@ non-finite handling, accumulation, optimizers and precision, on a tiny model on 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import bitsandbytes
 import pytest
@@ -320,3 +321,23 @@ def test_checkpoint_keeps_hyperparameters_and_ema(model_cache, tmp_path):
     assert state["hyper_parameters"]["snr_gamma"] == 5.0
     assert "components" not in state["hyper_parameters"] and "optimizer" not in state["hyper_parameters"]
     assert state["ema"]["optimization_step"] == 1
+
+
+@pytest.mark.parametrize(("task", "overrides", "expected"), [
+    ("text2image", ["task.module.ema={decay: 0.99}"], "Text2ImageModule"),
+    ("inpaint", ["model.inpaint=true"], "InpaintModule"),
+    ("autoencoder", [], "AutoencoderModule"),
+])
+def test_task_configs_build_their_modules(mame_root, task, overrides, expected):
+    from hydra import compose, initialize_config_dir
+
+    import mame_lightning
+    from mame_lightning.training import build_components, build_module
+
+    conf = Path(mame_lightning.__file__).parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[f"task={task}", "model=tiny", "model.sample_size=32", *overrides])
+    built = build_module(cfg, build_components(cfg))
+    assert type(built).__name__ == expected
+    assert built.hparams.seed == cfg.seed
+    assert built.configure_optimizers()["lr_scheduler"]["interval"] == "step"
