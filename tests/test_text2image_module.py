@@ -142,11 +142,12 @@ def test_noise_offset_shifts_each_channel_by_a_constant(model_cache, monkeypatch
     assert torch.allclose(shift, shift.mean(dim=(2, 3), keepdim=True), atol=1e-6)
 
 
-def test_cached_latents_give_the_same_loss_as_pixels(model_cache):
-    m = module(model_cache)
+@pytest.mark.parametrize("frozen_dtype", [None, "float16"])
+def test_cached_latents_give_the_same_loss_as_pixels(model_cache, frozen_dtype):
+    m = module(model_cache, frozen_dtype=frozen_dtype)
     pixel_batch = collate(toy_items(m.components))
     with torch.no_grad():
-        dist = m.vae.encode(pixel_batch["pixel_values"]).latent_dist
+        dist = m.vae.encode(pixel_batch["pixel_values"].to(m.vae.dtype)).latent_dist  # the cache's dtype
     cached = {"latent_mean": dist.mean, "latent_logvar": dist.logvar, "input_ids": pixel_batch["input_ids"]}
     for step in (0, 7):
         with torch.no_grad():

@@ -160,8 +160,10 @@ class Text2ImageModule(L.LightningModule):
         """Scaled latents from the latent cache (mean/logvar) or by encoding pixels with the VAE."""
         scaling = self.vae.config.scaling_factor
         if f"{prefix}latent_mean" in batch:
-            mean, logvar = batch[f"{prefix}latent_mean"], batch[f"{prefix}latent_logvar"]
-            return diffusion.latents_from_dist(mean.float(), logvar.float(), scaling, generator).float()
+            # drawn in the cache's dtype (the VAE's), so the numbers equal a pixel batch's encode
+            mean = batch[f"{prefix}latent_mean"].to(self.device)
+            logvar = batch[f"{prefix}latent_logvar"].to(self.device)
+            return diffusion.latents_from_dist(mean, logvar, scaling, generator).float()
         key = f"{prefix}pixel_values"
         if key not in batch:
             raise KeyError(f"batch has neither {prefix}latent_mean nor {key}: keys {sorted(batch)}")
