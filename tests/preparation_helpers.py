@@ -121,7 +121,7 @@ def write_omi(root: Path, images: list[dict], client="demd100", status="N") -> N
         vendor = image.get("vendor", "hologic")
         record["Studies"]["1.9"]["Images"][image["sop"]] = {
             "ViewPosition": image.get("view", "CC"), "ImageLaterality": image.get("laterality", "L"),
-            "Manufacturer": MANUFACTURERS[vendor], "BreastImplantPresent": "NO",
+            "Manufacturer": MANUFACTURERS[vendor], "BreastImplantPresent": image.get("implant_json", "NO"),
             "SpecialProtocol": image.get("special", False),
             "Marks": [dict(zip(("X1", "Y1", "X2", "Y2", "LesionType"), m)) for m in image.get("marks", [])],
         }

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
 from mame_lightning.data.geometry import box_mask
 from mame_lightning.data.preparation import prepare_dataset
 from mame_lightning.data.records import Box
-from mame_lightning.data.synthetic_set import phi_of, plan_set
+from mame_lightning.data.synthetic_plan import phi_of, plan_set
 from preparation_helpers import (
-    PHI, SIZE, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs,
+    HEIGHT, PHI, SIZE, WIDTH, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs,
     write_dicom, write_omi, write_vindr,
 )
 
@@ -94,6 +95,15 @@ def test_vendor_filter_keeps_one_vendor(folder_raw, tmp_path):
     assert {line["vendor"] for line in all_lines(tmp_path).values()} == {"siemens"}
 
 
+def test_a_changed_setting_redoes_the_items(folder_raw, tmp_path):
+    prepare_dataset(compose_prepare("folder", folder_raw, tmp_path))
+    report = prepare_dataset(compose_prepare("folder", folder_raw, tmp_path,
+                                             "dataset.templates.text2image='{area} {view} breast'"))
+    assert report["run"]["processed"] == report["counts"]["in"] and report["run"]["reused"] == 0
+    for line in all_lines(tmp_path).values():
+        assert line["prompt"] == f"{line['area']} {line['view']} breast"
+
+
 def test_right_breasts_are_flipped_chest_wall_left(folder_run):
     out, _ = folder_run
     lines = all_lines(out)
@@ -139,6 +149,18 @@ def test_bad_inputs_are_rejected_with_path_and_reason(tmp_path):
     assert sum(report["counts"]["rejected"].values()) == len(expected)
 
 
+def test_blank_images_and_duplicate_ids_are_rejected(tmp_path):
+    raw = tmp_path / "raw"
+    write_vindr(raw, [dict(image_id="same", study="s1", seed=1), dict(image_id="same", study="s2", seed=2),
+                      dict(image_id="blank", study="s3", seed=3)])
+    flat = make_mammogram_dataset(np.full((HEIGHT, WIDTH), 7, np.uint16), manufacturer="SIEMENS")
+    save_dataset(flat, raw / "images/s3/blank.dicom")
+    report = prepare_dataset(compose_prepare("vindr", raw, tmp_path / "out"))
+    kinds = {(e["file"], e["kind"]) for e in report["rejected"]}
+    assert kinds == {("images/s2/same.dicom", "duplicate id"), ("images/s3/blank.dicom", "no tissue")}
+    assert report["kept"] == 1
+
+
 @pytest.fixture(scope="module")
 def mixed_raw(tmp_path_factory):
     """raw/vindr (VinDr layout) and raw/omi (OMI-DB layout), both with traps."""
@@ -151,12 +173,14 @@ def mixed_raw(tmp_path_factory):
         dict(image_id="v_outside", density="C", seed=3, extra_findings=[(["Mass"], (10, 0, 40, 10))]),
         dict(image_id="v_hologic", vendor="hologic", seed=4),
         dict(image_id="v_missing", missing=True),
+        dict(image_id="v_unboxed", seed=6, extra_findings=[(["Architectural Distortion"], None)]),
     ])
     write_omi(root / "omi", [
         dict(sop="1.1", area="big", seed=5),
         dict(sop="1.2", view="MLO", laterality="R", marks=[(20, 40, 60, 100, "mass")], seed=6),
         dict(sop="1.3", special="Stereotactic", seed=7),
         dict(sop="1.4", vendor="siemens", seed=8),
+        dict(sop="1.5", implant_json="YES", seed=9),  # the tag says no, the annotation says yes
     ])
     return root
 
@@ -179,6 +203,7 @@ def test_vindr_prompts_boxes_and_missing_file(mixed_raw, tmp_path):
     assert by_file["images/st/v_outside.dicom"]["kind"] == "lesions outside crop"
     assert by_file["images/st/v_hologic.dicom"]["kind"] == "vendor"
     assert by_file["images/st/v_missing.dicom"]["kind"] == "missing file"
+    assert by_file["images/st/v_unboxed.dicom"]["kind"] == "lesion without box"
     assert "missing" in by_file["images/st/v_missing.dicom"]["reason"]
     assert report["counts"]["kept"] == {"text2image": 1, "inpaint": 1}
 
@@ -202,7 +227,8 @@ def test_omi_h_prompts_and_filters(mixed_raw, tmp_path):
     assert healthy["prompt"] == f"a mammogram in CC view with {healthy['area']} area"
     assert healthy["area"] == "big" and healthy["vendor"] == "hologic"
     kinds = {e["file"]: e["kind"] for e in report["filtered"]}
-    assert kinds == {"images/demd100/1.9/1.3.dcm": "special protocol", "images/demd100/1.9/1.4.dcm": "vendor"}
+    assert kinds == {"images/demd100/1.9/1.3.dcm": "special protocol", "images/demd100/1.9/1.4.dcm": "vendor",
+                     "images/demd100/1.9/1.5.dcm": "implant"}
 
 
 def test_fusion_prompts_name_the_vendor_and_filter_per_part(mixed_raw, tmp_path):

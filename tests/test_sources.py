@@ -15,6 +15,7 @@ from mame_lightning.data.records import Box
 from mame_lightning.data.sources import CombinedSource, SourceError, parse_flag
 from mame_lightning.data.sources.folder import FolderSource, has_dicom_marker, path_id
 from mame_lightning.data.sources.omi import OmiSource
+from mame_lightning.data.sources.synthetic import MARKER, SyntheticSource, ensure_raw_set
 from mame_lightning.data.sources.vindr import VinDrSource, parse_categories, parse_density
 
 CONF = Path(mame_lightning.__file__).parent / "conf"
@@ -216,3 +217,24 @@ def test_combined_source_prefixes_parts_from_config(tmp_path, vindr_dir):
     sources = sorted(r.source for r in source.records(tmp_path))
     assert sources == ["omi/images/c/1.2.3/9.9.dcm", "vindr/images/st1/healthy.dicom",
                        "vindr/images/st1/multi.dicom", "vindr/images/st2/unboxed.dicom"]
+
+
+def test_synthetic_source_writes_once_reuses_and_never_overwrites_foreign_folders(tmp_path):
+    raw = tmp_path / "raw"
+    source = SyntheticSource(n=4, height=40, width=32, seed=1, progress=False)
+    records = list(source.records(raw))
+    assert len(records) == 4 and {r.source.split("/")[0] for r in records} == {"vindr", "omi"}
+    assert all((raw / r.source).is_file() for r in records)
+    marker = (raw / MARKER).stat().st_mtime_ns
+    assert ensure_raw_set(raw, source.settings) is False and (raw / MARKER).stat().st_mtime_ns == marker
+
+    other = SyntheticSource(n=2, height=40, width=32, seed=1, progress=False)
+    assert len(list(other.records(raw))) == 2  # new settings: regenerated in place
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # no staging folder left behind
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.dcm").write_bytes(b"x")
+    with pytest.raises(SourceError, match="refusing"):
+        list(source.records(foreign))
+    assert (foreign / "precious.dcm").read_bytes() == b"x"

@@ -34,7 +34,7 @@ class SyntheticSource:
     seed, decide whether an existing raw set can be reused; ``progress`` only shows a bar.
     """
 
-    def __init__(self, n: int = 1000, height: int = 256, width: int = 208, seed: int = 0,
+    def __init__(self, n: int = 1024, height: int = 256, width: int = 208, seed: int = 0,
                  options: dict | None = None, progress: bool = True):
         self.settings = {"n": int(n), "height": int(height), "width": int(width),
                          "seed": int(seed), "options": dict(options or {})}
