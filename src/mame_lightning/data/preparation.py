@@ -165,8 +165,9 @@ def remove_stale(out_dir: Path, outcomes: list[Mapping]) -> int:
             if path.is_file() and path not in keep:
                 path.unlink()
                 removed += 1
-    for path in out_dir.glob(".*.tmp"):
-        path.unlink()
+    for folder in [out_dir, *(out_dir / task for task in TASKS)]:  # temp files of a killed write
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
     return removed
 
 

@@ -75,10 +75,11 @@ def map_boxes(record: ImageRecord, geom: Geometry, item_id: str) -> tuple[list[B
     inside, outside = [], []
     for box in record.boxes:
         mapped = map_box(box, geom)
-        if mapped is None:
+        mapped = _rounded(mapped) if mapped is not None else None
+        if mapped is None or mapped.area <= 0:  # nothing (or under 0.01 px) left inside the crop
             outside.append({"file": record.source, "id": item_id, "box": box.to_list()})
         else:
-            inside.append(_rounded(mapped))
+            inside.append(mapped)
     return inside, outside
 
 
