@@ -87,7 +87,7 @@ def test_inpaint_reference_from_a_latent_cache_is_decoded(model_cache):
     with torch.no_grad():
         mean = m.vae.encode(item["pixel_values"][None]).latent_dist.mean[0]
     cached = [{"latent_mean": mean, "latent_logvar": torch.zeros_like(mean), "mask": item["mask"]}]
-    fake_trainer = SimpleNamespace(val_dataloaders=[], train_dataloader=loader(cached))
+    fake_trainer = SimpleNamespace(datamodule=None, val_dataloaders=None, train_dataloader=loader(cached))
     image, mask = SampleGrid.reference_from_data(m.components, m, fake_trainer)
     assert image.size == mask.size == (SIZE, SIZE)
     assert np.array_equal(np.asarray(mask) > 127, item["mask"][0].numpy() > 0.5)

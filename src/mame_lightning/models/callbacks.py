@@ -72,12 +72,19 @@ def mixed_dtype_autocast(modules: Sequence[torch.nn.Module], device: torch.devic
 
 
 def first_item(trainer: L.Trainer) -> Mapping | None:
-    """Item 0 of the validation (else training) dataset, read directly so no sampler RNG moves."""
+    """Item 0 of the validation (else training) dataset, read directly so no sampler RNG moves.
+
+    The datamodule's val_dataset comes first: Lightning loads validation loaders only when it
+    first validates, after on_train_start.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    datasets = [getattr(datamodule, "val_dataset", None)]
     for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            dataset = getattr(loader, "dataset", None)
-            if dataset is not None and len(dataset):
-                return dataset[0]
+            datasets.append(getattr(loader, "dataset", None))
+    for dataset in datasets:
+        if dataset is not None and len(dataset):
+            return dataset[0]
     return None
 
 
