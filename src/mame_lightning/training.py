@@ -54,11 +54,20 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 
 def build_components(cfg: DictConfig):
-    """Model components from conf/model, with the precision group's dtype for frozen parts."""
+    """Model components from conf/model, shaped by the precision group and the task.
+
+    The precision group's dtype applies to frozen parts unless the model config sets one; the
+    inpainting task asks for a 9-channel UNet (a tiny one built so, a 4-channel checkpoint widened).
+    """
     kwargs: dict[str, Any] = {}
     frozen = cfg.precision.get("frozen_dtype")
     if frozen and "frozen_dtype" in cfg.model and cfg.model.frozen_dtype is None:
         kwargs["frozen_dtype"] = frozen
+    if cfg.task.get("data_task") == "inpaint" and cfg.task.name == "inpaint":
+        if "inpaint" in cfg.model and not cfg.model.inpaint:
+            kwargs["inpaint"] = True
+        elif "inpaint_in_channels" in cfg.model and cfg.model.inpaint_in_channels is None:
+            kwargs["inpaint_in_channels"] = 9
     return instantiate(cfg.model, **kwargs)
 
 
@@ -72,12 +81,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
 
 
 def build_module(cfg: DictConfig, components):
+    # Objects are handed to the partial, not to instantiate: Hydra would turn a dataclass into config.
     optimizer = instantiate(cfg.optimizer)
-    return instantiate(cfg.task.module, components=components, optimizer=optimizer)
+    return instantiate(cfg.task.module, _partial_=True)(components=components, optimizer=optimizer)
 
 
 def build_datamodule(cfg: DictConfig, components):
-    datamodule = instantiate(cfg.datamodule, tokenizer=components.tokenizer)
+    datamodule = instantiate(cfg.datamodule, _partial_=True)(tokenizer=components.tokenizer)
     if cfg.dataset.get("latent_cache") and hasattr(datamodule, "set_vae"):
         datamodule.set_vae(components.vae)
     return datamodule
