@@ -94,3 +94,21 @@ def test_a_batch_without_mask_is_refused(model_cache):
     del batch["mask"]
     with pytest.raises(KeyError, match="mask"):
         m.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
+
+
+def test_latent_cache_training_matches_pixel_training_with_the_datamodule(model_cache, tmp_path):
+    from datamodule_helpers import write_prepared
+
+    from mame_lightning.data.datamodule import PreparedDataModule
+
+    prepared = write_prepared(tmp_path / "prepared", n=8, size=SIZE)
+    runs = []
+    for cache in (None, {"enabled": True}):
+        m = module(model_cache)
+        data = PreparedDataModule(str(prepared), task="inpaint", tokenizer=m.tokenizer, batch_size=2,
+                                  val_fraction=0.0, latent_cache=cache)
+        data.set_vae(m.vae)
+        trainer(max_steps=2).fit(m, datamodule=data)
+        runs.append(weights(m.unet))
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
+    assert not same_weights(runs[0], weights(tiny(model_cache, inpaint=True).unet))
