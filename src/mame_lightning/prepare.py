@@ -15,7 +15,8 @@ from mame_lightning.data.preparation import prepare_from_config
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    prepare_from_config(cfg)
+    # Hydra's logging already shows the summary on the console and keeps it in the run's log.
+    prepare_from_config(cfg, echo=False)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,10 @@ def summary_text(report: Mapping, prepared_dir: str | Path) -> str:
 
 
 def prepare_from_config(cfg: DictConfig, echo: bool = True) -> dict:
-    """Prepare the set ``cfg.dataset`` describes; used by the CLI and by training on first use."""
+    """Prepare the set ``cfg.dataset`` describes; used by the CLI and by training on first use.
+
+    The summary is logged, and printed too when ``echo`` (callers without logging set up).
+    """
     cfg = with_preparation_defaults(cfg)
     report = prepare_dataset(cfg)
     text = summary_text(report, cfg.dataset.prepared_dir)
