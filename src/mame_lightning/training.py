@@ -6,6 +6,7 @@ tests and sweeps call the same function.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -86,8 +87,20 @@ def build_module(cfg: DictConfig, components):
     return instantiate(cfg.task.module, _partial_=True)(components=components, optimizer=optimizer)
 
 
+def first_use_preparation(cfg: DictConfig):
+    """For datasets that can make themselves (synthetic): prepare on first use, else None."""
+    if not cfg.dataset.get("prepare_on_first_use"):
+        return None
+    from mame_lightning.data.preparation import prepare_from_config
+
+    prepare_cfg = OmegaConf.create({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
+    return functools.partial(prepare_from_config, prepare_cfg)
+
+
 def build_datamodule(cfg: DictConfig, components):
-    datamodule = instantiate(cfg.datamodule, _partial_=True)(tokenizer=components.tokenizer)
+    datamodule = instantiate(cfg.datamodule, _partial_=True)(
+        tokenizer=components.tokenizer, prepare_fn=first_use_preparation(cfg)
+    )
     if cfg.dataset.get("latent_cache") and hasattr(datamodule, "set_vae"):
         datamodule.set_vae(components.vae)
     return datamodule
@@ -121,6 +134,8 @@ def train(cfg: DictConfig) -> dict:
         "run_dir": str(run_dir),
         "task": cfg.task.name,
         "global_step": int(trainer.global_step),
+        # micro-batches consumed: global_step × accumulate_grad_batches for a completed run
+        "micro_batches": int(trainer.fit_loop.epoch_loop.batch_progress.total.completed),
         "train_loss": _final_metric(trainer, "train/loss"),
         "val_loss": _final_metric(trainer, "val/loss"),
         "seconds": round(time.time() - started, 2),
