@@ -102,7 +102,8 @@ def run(args) -> dict:
     facts = device_info(device)
     precision = args.precision or ("16-mixed" if device.type == "cuda" else "32")
     size, batch, steps, warmup = (32, 4, 3, 1) if args.quick else (args.size, args.batch, args.steps, args.warmup)
-    prepared = setups.prepared_set(args.work_dir, size=size, n=24 if args.quick else 48)
+    prepared = (setups.prepared_set(args.work_dir, size=size, n=16, height=256, width=208) if args.quick
+                else setups.prepared_set(args.work_dir, size=size, n=48))
     setup = Setup("tiny", size, batch, warmup, steps, prepared, True, precision)
     rounds = 1 if args.quick else args.rounds
     with quiet_warnings(), tempfile.TemporaryDirectory(prefix="latent_cache_", dir=prepared.parent) as cache:

@@ -65,7 +65,7 @@ def prepare_once(raw: Path, work_dir: Path, *, n: int, height: int, width: int, 
 
 def run(args) -> dict:
     facts = device_info("cpu")
-    n, (height, width) = (4, (512, 416)) if args.quick else (args.images, (args.height, args.width))
+    n, (height, width) = (2, (256, 208)) if args.quick else (args.images, (args.height, args.width))
     rounds = 1 if args.quick else args.rounds
     args.work_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_set(args.work_dir, n, height, width)

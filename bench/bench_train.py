@@ -103,13 +103,20 @@ def trainer_for(device: torch.device, precision: str, max_steps: int, callbacks:
     )
 
 
+def train_config(setup: Setup, variant: Variant):
+    """conf/train.yaml with this variant's choices: the module is built exactly as training builds it."""
+    return setups.compose("train", [
+        "task=text2image", f"optimizer={variant.optimizer}", "seed=0",
+        f"task.module.gradient_checkpointing={variant.checkpointing}",
+        f"task.module.train_text_encoder={setup.train_text_encoder}",
+    ])
+
+
 def build_ours(components, setup: Setup, variant: Variant, cache_dir: Path | None):
     from mame_lightning.data.datamodule import PreparedDataModule
-    from mame_lightning.models.text2image import Text2ImageModule
+    from mame_lightning.training import build_module
 
-    module = Text2ImageModule(components, optimizer=optimizer_factory(variant.optimizer),
-                              train_text_encoder=setup.train_text_encoder,
-                              gradient_checkpointing=variant.checkpointing, seed=0)
+    module = build_module(train_config(setup, variant), components)
     cache = {"enabled": True, "dir": str(cache_dir), "batch_size": 8} if variant.cache else False
     datamodule = PreparedDataModule(str(setup.prepared), task="text2image", tokenizer=components.tokenizer,
                                     batch_size=setup.batch, num_workers=setup.num_workers, val_fraction=0.0,
@@ -252,11 +259,12 @@ def setups_for(args, device: torch.device) -> list[Setup]:
     if "tiny" in chosen:
         size, batch = (32, 4) if args.quick else (args.size, args.batch)
         steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
-        prepared = setups.prepared_set(args.work_dir, size=size, n=24 if args.quick else 48)
+        prepared = (setups.prepared_set(args.work_dir, size=size, n=16, height=256, width=208) if args.quick
+                    else setups.prepared_set(args.work_dir, size=size, n=48))
         out.append(Setup("tiny", size, batch, warmup, steps, prepared, True, precision, args.num_workers))
     if "sd15_arch" in chosen:
         size = args.sd15_size
-        prepared = setups.prepared_set(args.work_dir, size=size, n=16)
+        prepared = setups.prepared_set(args.work_dir, size=size, n=12)
         out.append(Setup("sd15_arch", size, args.sd15_batch, 1, args.sd15_steps, prepared,
                          args.sd15_train_text_encoder, precision, args.num_workers))
     return out
@@ -299,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every tiny variant")
     p.add_argument("--sd15-size", type=int, default=256)
     p.add_argument("--sd15-batch", type=int, default=1)
-    p.add_argument("--sd15-steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--sd15-steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--sd15-train-text-encoder", action="store_true",
                    help="also train the text encoder at full size (off: UNet only, diffusers' example default)")
     p.add_argument("--precision", choices=sorted(setups.PRECISIONS), default=None,

@@ -7,6 +7,7 @@ step. Everything is reused on the next run, so only the first run pays for build
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -77,19 +78,15 @@ def sd15_model(cache_dir: Path, *, precision: str = "32", train_text_encoder: bo
 
 
 def sd15_is_built(cache_dir: Path) -> bool:
-    """Whether the sd15_arch folder is already in the cache (then no build time or disk is needed)."""
-    return any((Path(cache_dir) / "models").glob("tiny-*/unet/diffusion_pytorch_model.safetensors")) and any(
-        _unet_channels(p) == 320 for p in (Path(cache_dir) / "models").glob("tiny-*/unet/config.json")
-    )
-
-
-def _unet_channels(config_path: Path) -> int | None:
-    import json
-
-    try:
-        return json.loads(config_path.read_text())["block_out_channels"][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
+    """Whether a full-size build is already in the model cache (then no build time or disk is needed)."""
+    for config in (Path(cache_dir) / "models").glob("*/unet/config.json"):
+        try:
+            channels = json.loads(config.read_text())["block_out_channels"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if channels == [320, 640, 1280, 1280] and (config.parent.parent / "model_index.json").is_file():
+            return True
+    return False
 
 
 def trainable_count(components, train_text_encoder: bool) -> int:
@@ -120,12 +117,15 @@ def prepare_overrides(raw_dir: Path, prepared_dir: Path, *, size: int, n: int, h
 
 
 def prepared_set(work_dir: Path, *, size: int, n: int = 48, height: int = 512, width: int = 416) -> Path:
-    """A prepared set of `n` synthetic phantoms at `size` px (made on first use, then reused)."""
+    """A prepared set of `n` synthetic phantoms at `size` px (made on first use, then reused).
+
+    Content filters are off: a benchmark needs images, whatever the phantoms show."""
     from mame_lightning.data.preparation import prepare_from_config
 
     raw = Path(work_dir) / f"raw_{n}_{height}x{width}"
-    prepared = Path(work_dir) / f"prepared_{n}_{height}x{width}_{size}"
-    cfg = compose("prepare", prepare_overrides(raw, prepared, size=size, n=n, height=height, width=width))
+    prepared = Path(work_dir) / f"prepared_all_{n}_{height}x{width}_{size}"
+    cfg = compose("prepare", prepare_overrides(raw, prepared, size=size, n=n, height=height, width=width,
+                                               keep_all=True))
     if not (prepared / "text2image" / "metadata.jsonl").is_file():
         prepare_from_config(cfg, echo=False)
     return prepared
