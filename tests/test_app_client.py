@@ -160,6 +160,15 @@ def test_random_seed_is_reported_and_reproduces(client):
     assert same == seed and np.array_equal(gray(gallery[0]["image"]), gray(again[0]["image"]))
 
 
+def test_scheduler_is_chosen_per_request_and_recorded(app, client):
+    dpm, _, _, dpm_files = generate(client, seed=4, n=1)
+    ddim, _, _, ddim_files = generate(client, seed=4, n=1, scheduler="ddim")
+    assert not np.array_equal(gray(dpm[0]["image"]), gray(ddim[0]["image"]))
+    assert read_png_text(ddim_files[0])["scheduler"] == "ddim" and read_png_text(dpm_files[0])["scheduler"] == "dpmsolver++"
+    shared = app.context.text2image
+    assert shared.scheduler == "dpmsolver++" and type(shared.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
 def test_dicom_download_has_no_patient_identity(client):
     _, _, _, downloads = generate(client, seed=1, n=1, dicom=True)
     dcm = [f for f in downloads if f.endswith(".dcm")]

@@ -94,11 +94,12 @@ class AppContext:
 
 
 def prune(root: Path, max_age_s: float) -> None:
+    """Delete request folders older than `max_age_s`; names starting with "_" (the example) stay."""
     if max_age_s <= 0 or not root.is_dir():
         return
     cutoff = time.time() - max_age_s
     for folder in root.iterdir():
-        if folder.is_dir() and folder.stat().st_mtime < cutoff:
+        if folder.is_dir() and not folder.name.startswith("_") and folder.stat().st_mtime < cutoff:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -345,7 +346,7 @@ def full_inpaint(ctx: AppContext, state, editor, box, lesion_prompt, category, b
                       make_settings(ctx, guidance, steps, negative, seed))[0]
     lesion_box = mask_bbox(mask, str(category or "Mass"))
     params = {**_full_params(state.get("params") or {}, painted.params, lesion_box, seed), "region": region}
-    image_id = f"{out.name}_seed{seed}"
+    image_id = f"lesion_{out.name.rsplit('-', 1)[-1]}_seed{seed}"  # short: the request folder's random part
     image_file = save_png(painted.image, out / f"{image_id}.png", params)
     mask_file = save_png(mask, out / f"{image_id}_mask.png", {**params, "task": "mask"})
     row = finding_row(image_id, lesion_box, prepared.size, view=state.get("view"), density=state.get("density"),

@@ -103,6 +103,7 @@ def ui_defaults(cfg: DictConfig):
         title=str(cfg.app.title), guidance=float(d.guidance), guidance_range=tuple(float(v) for v in cfg.app.guidance_range),
         steps=int(d.steps), steps_range=tuple(int(v) for v in cfg.app.steps_range), seed=int(d.seed), n=int(d.n),
         negative_prompt=str(d.negative_prompt or ""), scheduler=str(cfg.model.scheduler),
+        cache_hours=float(cfg.app.keep_hours),
     )
 
 

@@ -34,7 +34,7 @@ class UiDefaults:
     n: int = 1
     negative_prompt: str = ""
     scheduler: str = "dpmsolver++"
-    extra_css: str = ""
+    cache_hours: float = 24.0  # gradio's copies of uploads and results are deleted after this
     lesion_categories: list[str] = field(default_factory=lambda: list(h.FINDING_CATEGORIES))
 
 
@@ -212,7 +212,9 @@ def full_tab(ctx: h.AppContext, defaults: UiDefaults) -> PromptControls:
 def build_ui(ctx: h.AppContext, defaults: UiDefaults | None = None) -> gr.Blocks:
     """The whole app as a `gr.Blocks` (not launched)."""
     defaults = defaults or UiDefaults()
-    with gr.Blocks(title=defaults.title, analytics_enabled=False) as demo:
+    age = int(defaults.cache_hours * 3600)
+    cleanup = (min(age, 3600), age) if age > 0 else None  # keep_hours <= 0: keep everything
+    with gr.Blocks(title=defaults.title, analytics_enabled=False, delete_cache=cleanup) as demo:
         gr.Markdown(f"## {defaults.title}\n{NOTICE}")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
