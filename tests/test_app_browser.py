@@ -84,6 +84,7 @@ def page(browser, app):
     page.wait_for_selector("#generate-button")
     yield page
     page.close()
+    assert browser.outside == [], f"the page tried to reach {browser.outside}"  # no outbound connection
 
 
 def keep_screenshot(page, name: str) -> Path:
@@ -164,7 +165,7 @@ def shown_pixels(page, selector: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(bytes(data))).convert("L"))
 
 
-def test_generate_form_shows_the_prompt_and_an_image(page, browser):
+def test_generate_form_shows_the_prompt_and_an_image(page):
     for label, value in (("vendor", "siemens"), ("view", "MLO"), ("density", "high"), ("area", "small")):
         choose(page, label, value)
     page.wait_for_function("p => [...document.querySelectorAll('textarea')].some(t => t.value === p)", arg=PROMPT)
@@ -174,7 +175,6 @@ def test_generate_form_shows_the_prompt_and_an_image(page, browser):
     image = shown_pixels(page, "#generate-gallery img")
     assert image.shape == (64, 64) and image.std() > 0
     keep_screenshot(page, "app_generate")
-    assert browser.outside == [], f"the page tried to reach {browser.outside}"
 
 
 def test_brush_stroke_on_the_canvas_inpaints(page):
