@@ -122,7 +122,8 @@ def readable_errors(fn):
                 torch.cuda.empty_cache()
                 raise gr.Error("out of GPU memory: ask for fewer images, or lower app.concurrency") from exc
             log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details") from exc
+            raise gr.Error(f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details",
+                           print_exception=False) from exc
 
     return wrapper
 
