@@ -141,7 +141,7 @@ def test_multirun_writes_one_folder_per_job_and_a_summary(root, prepared, tmp_pa
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "result.json").is_file())
     assert len(jobs) == 2
     summary = (sweep / "sweep_summary.md").read_text()
-    assert "optimizer.lr=1e-3" in summary and "optimizer.lr=1e-4" in summary
+    assert "optimizer.lr=0.001 " in summary and "optimizer.lr=0.0001 " in summary
     rows = (sweep / "sweep_summary.csv").read_text().strip().splitlines()
     assert len(rows) == 3
 

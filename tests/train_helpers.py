@@ -58,9 +58,11 @@ def compose_train(run_dir: Path, root: Path, prepared: Path, overrides: list[str
 
 
 def train_command(root: Path, prepared: Path, overrides: list[str]) -> list[str]:
-    """The real entry point as a user runs it."""
-    return [sys.executable, "-m", "mame_lightning.train", f"paths.root={root}",
-            f"dataset.prepared_dir={prepared}", *SMALL_SYNTHETIC, *FAST, *overrides]
+    """The real entry point as a user runs it (flags such as -m go before the overrides)."""
+    flags = [o for o in overrides if o.startswith("-")]
+    rest = [o for o in overrides if not o.startswith("-")]
+    return [sys.executable, "-m", "mame_lightning.train", *flags, f"paths.root={root}",
+            f"dataset.prepared_dir={prepared}", *SMALL_SYNTHETIC, *FAST, *rest]
 
 
 def run_train(root: Path, prepared: Path, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 # -- helpers ----------------------------------------------------------------------------------
 def run_folder(trainer: L.Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The logger's folder, read locally: `trainer.log_dir` is a collective under DDP, and the
+    grid is drawn on rank 0 alone, so calling it there would leave the other ranks waiting."""
+    logger = trainer.logger
+    log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(log_dir or trainer.default_root_dir)
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:
