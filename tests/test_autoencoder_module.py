@@ -64,3 +64,19 @@ def test_bad_options_and_batches_are_refused(model_cache):
     m = AutoencoderModule(components, adamw())
     with pytest.raises(KeyError, match="latent_cache=false"):
         m.losses({"latent_mean": torch.zeros(1, 4, 8, 8)}, step_generator(0, 0, 0, 0, "cpu"))
+
+
+def test_fitted_scaling_factor_gives_unit_variance_latents(model_cache):
+    from mame_lightning.models.autoencoder import fit_scaling_factor
+
+    components = tiny(model_cache)
+    items = toy_items(components)
+    batches = [collate(items)]
+    factor = fit_scaling_factor(components.vae, batches)
+    with torch.no_grad():
+        posterior = components.vae.encode(batches[0]["pixel_values"]).latent_dist
+        latents = posterior.sample(torch.Generator().manual_seed(1)) * factor
+    assert 0.8 < float(latents.std()) < 1.25
+    assert abs(factor - components.vae.config.scaling_factor) > 1e-3  # measured, not the default
+    with pytest.raises(ValueError, match="no batches"):
+        fit_scaling_factor(components.vae, [])

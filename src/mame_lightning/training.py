@@ -152,6 +152,13 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
     """Write the diffusers folder with the attributes and counts of the data the model saw."""
     from mame_lightning.models.export import export_pipeline
 
+    if cfg.task.name == "autoencoder":
+        from mame_lightning.models.autoencoder import fit_scaling_factor
+
+        module.vae.eval()
+        factor = fit_scaling_factor(module.vae, datamodule.train_dataloader())
+        module.vae.register_to_config(scaling_factor=factor)
+        log.info("autoencoder: latent scaling factor set to %.4f (1 / latent std)", factor)
     templates = OmegaConf.to_container(cfg.dataset.get("templates") or {}, resolve=True)
     attributes = datamodule.attributes() if hasattr(datamodule, "attributes") else {}
     counts = datamodule.counts() if hasattr(datamodule, "counts") else {}

@@ -88,3 +88,27 @@ class AutoencoderModule(L.LightningModule):
         optimizer = self.optimizer_factory([p for p in self.vae.parameters() if p.requires_grad])
         scheduler = get_constant_schedule_with_warmup(optimizer, int(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+@torch.no_grad()
+def fit_scaling_factor(vae, batches, max_batches: int = 8) -> float:
+    """1 / std of posterior samples over some training batches, as Stable Diffusion chose 0.18215.
+
+    The diffusion model assumes unit-variance latents; a fine-tuned (or freshly trained) VAE has
+    its own spread, so the factor is measured on the data rather than kept from another model.
+    """
+    samples = []
+    generator = torch.Generator().manual_seed(0)
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    for index, batch in enumerate(batches):
+        if index >= max_batches:
+            break
+        posterior = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device, dtype)
+        samples.append((posterior.mean + posterior.std * noise).float().flatten().cpu())
+    if not samples:
+        raise ValueError("no batches to measure the latent scale on")
+    std = float(torch.cat(samples).std())
+    if not std > 0:
+        raise ValueError(f"latent standard deviation is {std}: the autoencoder collapsed")
+    return 1.0 / std
