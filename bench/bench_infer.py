@@ -106,6 +106,14 @@ def apply_tweak(pipe, tweak: str) -> None:
         raise ValueError(f"unknown tweak {tweak!r}")
 
 
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype`."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}
+
+
 def baseline(folder: Path, task: str, device: torch.device, size: int, defaults: bool) -> Contender:
     """StableDiffusion(Inpaint)Pipeline.from_pretrained, called the way its documentation shows."""
     from diffusers import (DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
@@ -114,7 +122,8 @@ def baseline(folder: Path, task: str, device: torch.device, size: int, defaults:
     began = time.perf_counter()
     cls = StableDiffusionInpaintPipeline if task == "inpaint" else StableDiffusionPipeline
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe = cls.from_pretrained(folder, **dtype_argument(dtype), safety_checker=None,
+                               requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     if defaults:  # what SD v1.5's scheduler_config.json holds
         pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
@@ -226,7 +235,7 @@ def run(args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--images", type=int, default=5, help="timed images per variant")
+    p.add_argument("--images", type=int, default=4, help="timed images per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed images per variant")
     p.add_argument("--tasks", nargs="+", choices=tuple(PROMPTS), default=list(PROMPTS))
     p.add_argument("--compile", action="store_true", help="also try torch.compile on the UNet (slow first image)")

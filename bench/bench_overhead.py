@@ -33,6 +33,7 @@ def bare_loop(module, optimizer, scheduler, batches, setup: Setup, device: torch
     amp_dtype = setups.autocast_dtype(setup.precision)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     clock = StepClock(setup.warmup, device)
+    module.to(device)  # Trainer.fit's teardown moves the module back to the CPU
     module.train()
     for index in range(setup.warmup + setup.steps):
         batch = move_data_to_device(next(batches), device)

@@ -216,6 +216,7 @@ def compare(rows: list[dict]) -> None:
         ref = references.get((row.get("model"), row.get("checkpointing"), row.get("optimizer")))
         if ref is not None and "images_per_s" in row:
             row["vs_reference"] = ratio(row["images_per_s"], ref["images_per_s"])
+            row["vs_reference_cpu"] = ratio(ref["cpu_s_per_image"], row["cpu_s_per_image"])
             saved = ref["step_s"] - row["step_s"]
             if row.get("cache_build_s") is not None and saved > 0:
                 row["break_even_steps"] = row["cache_build_s"] / saved
@@ -225,6 +226,7 @@ def summary_ratios(rows: list[dict]) -> dict:
     keys = {"ours+cache": "cache_vs_ref", "ours": "nocache_vs_ref", "ours+cache+ckpt": "ckpt_cache_vs_ref_ckpt",
             "ours+cache 8bit": "8bit_cache_vs_ref_8bit"}
     ratios = {f"{r['model']}.{keys[r['variant']]}": r.get("vs_reference") for r in rows if r.get("variant") in keys}
+    ratios |= {f"{r['model']}.cache_vs_ref_cpu": r.get("vs_reference_cpu") for r in rows if r.get("variant") == "ours+cache"}
     by_name = {(r.get("model"), r.get("variant")): r for r in rows}
     for model in sorted({r.get("model") for r in rows}):
         plain, ckpt = by_name.get((model, "reference")), by_name.get((model, "reference+ckpt"))
@@ -235,7 +237,7 @@ def summary_ratios(rows: list[dict]) -> dict:
 
 COLUMNS = [("model", "model"), ("variant", "variant"), ("batch", "batch"), ("images_per_s", "img/s"),
            ("step_s", "s/step"), ("vs_reference", "vs ref"),
-           ("cpu_s_per_image", "CPU s/img"), ("peak_delta_mib", "peak +MiB"),
+           ("cpu_s_per_image", "CPU s/img"), ("vs_reference_cpu", "vs ref (CPU)"), ("peak_delta_mib", "peak +MiB"),
            ("cache_build_s", "cache build s"), ("break_even_steps", "break-even steps"), ("skipped", "note")]
 
 

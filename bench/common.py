@@ -58,7 +58,18 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     args.cache_dir = Path(args.cache_dir or data_root() / "cache")
     if args.threads:
         torch.set_num_threads(int(args.threads))
+    warn_if_busy()
     return args
+
+
+def warn_if_busy(threshold: float = 1.0) -> bool:
+    """Say so when other processes already keep the cores busy: wall-clock figures will be noisy."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= threshold * cores:
+        return False
+    print(f"note: load average {load:.1f} on {cores} cores before starting; other processes compete for the "
+          f"CPU, so timings are noisy (CPU seconds per step are steadier; --threads 1 suffers least)", flush=True)
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
