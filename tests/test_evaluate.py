@@ -167,6 +167,8 @@ def test_fidelity_report_counts_every_generated_image(eval_dir, tmp_path, capsys
     for name in ("fidelity_area.png", "fidelity_view.png"):
         with Image.open(tmp_path / name) as image:
             assert min(image.size) > 100
+    with Image.open(report["grid"]) as grid:  # one 64-px row per attribute combination
+        assert grid.size[1] == 6 * 64 + 5 * 2 and len(report["grid_rows"]) == 6
 
 
 def test_fid_without_weights_skips_before_generating(eval_dir, tmp_path, capsys):

@@ -149,11 +149,14 @@ def fidelity_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, t
     combos = attribute_combinations(model.metadata, fcfg.max_prompts)
     labels = fidelity_labels(cfg, model.metadata)
     measurable = ["area"] + (["view"] if fcfg.measure_view else [])
-    records, rows = [], []
+    records, rows, grid_rows, prompts = [], [], [], []
     for combo in tqdm(combos, desc=f"fidelity {label}", unit="prompt", disable=not cfg.progress):
         prompt = build_prompt(model.metadata, attributes=combo)
         expected = {k: str(combo[k]) for k in measurable if combo.get(k) is not None}
-        for result in text2image(model, prompt, int(fcfg.images_per_prompt), generation_settings(cfg, fcfg.guidance)):
+        results = text2image(model, prompt, int(fcfg.images_per_prompt), generation_settings(cfg, fcfg.guidance))
+        grid_rows.append([r.image for r in results[: int(cfg.grid_columns)]])
+        prompts.append(prompt)
+        for result in results:
             measured = measure_image(result.image, tuple(fcfg.area_thresholds), tuple(fcfg.area_labels),
                                      view=bool(fcfg.measure_view))
             records.append({"expected": expected, "measured": {k: measured[k] for k in expected}})
@@ -172,6 +175,10 @@ def fidelity_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, t
     result = {"model": label, "model_path": model.path, "guidance": float(fcfg.guidance),
               "images_per_prompt": int(fcfg.images_per_prompt), "prompts": len(combos), "n_images": len(records),
               "attributes": report, "images_csv": str(out / "fidelity_images.csv")}
+    # one row per attribute combination: what each prompt looks like, at a glance
+    result["grid"] = str(save_sample_grid(sample_grid(grid_rows), out / "fidelity_grid.png", model,
+                                          float(fcfg.guidance), prompts))
+    result["grid_rows"] = prompts
     write_csv(out / "fidelity_images.csv", rows)
     atomic_write_json(out / "fidelity.json", result)
     print(f"fidelity{tag}: {out / 'fidelity.json'} (per image: {out / 'fidelity_images.csv'})")
