@@ -42,7 +42,7 @@ def model_conf(name: str):
 @pytest.fixture(scope="module")
 def tiny_cfg():
     cfg = OmegaConf.to_container(model_conf("tiny").model)
-    for key in ("_target_", "cache_dir", "inpaint", "variant", "frozen_dtype", "train_text_encoder"):
+    for key in ("_target_", "cache_dir", "inpaint", "variant", "frozen_dtype", "train_text_encoder", "vae_path"):
         cfg.pop(key)
     return cfg
 

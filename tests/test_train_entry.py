@@ -95,7 +95,7 @@ def test_accumulation_counts_optimizer_steps(root, prepared, tmp_path):
 
 
 def test_missing_prepared_set_names_the_prepare_command(root, tmp_path):
-    cfg = compose_train(tmp_path / "run", root, tmp_path / "nowhere", ["dataset=vindr"])
+    cfg = compose_train(tmp_path / "run", root, tmp_path / "nowhere", ["dataset=vindr"], synthetic=False)
     with pytest.raises(FileNotFoundError, match="python -m mame_lightning.prepare dataset=vindr"):
         train(cfg)
 

@@ -49,11 +49,12 @@ def prepare_small_synthetic(root: Path) -> Path:
     return Path(cfg.dataset.prepared_dir)
 
 
-def compose_train(run_dir: Path, root: Path, prepared: Path, overrides: list[str] = ()) -> OmegaConf:
+def compose_train(run_dir: Path, root: Path, prepared: Path, overrides: list[str] = (),
+                  synthetic: bool = True) -> OmegaConf:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[
-            f"run_dir={run_dir}", f"paths.root={root}", f"dataset.prepared_dir={prepared}",
-            *SMALL_SYNTHETIC, *FAST, *overrides,
+            f"run_dir={run_dir}", f"paths.root={root}", *overrides, f"dataset.prepared_dir={prepared}",
+            *(SMALL_SYNTHETIC if synthetic else []), *FAST,
         ])
 
 
