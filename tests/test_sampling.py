@@ -36,3 +36,13 @@ def test_ranks_split_the_same_stream_without_overlap():
     assert sorted(rank_streams[0] + rank_streams[1]) == list(range(n))
     # rank r takes global batches r, r + world, ...
     assert rank_streams[1][:batch] == global_stream[batch:2 * batch]
+
+
+def test_for_trainer_starts_after_the_micro_batches_already_consumed():
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(global_step=3, accumulate_grad_batches=2, global_rank=1, world_size=2)
+    sampler = ResumableStreamSampler.for_trainer(10, 2, seed=7, trainer=trainer)
+    assert (sampler.start_batch, sampler.rank, sampler.world_size) == (6, 1, 2)
+    fresh = ResumableStreamSampler.for_trainer(10, 2, seed=7)
+    assert (fresh.start_batch, fresh.rank, fresh.world_size) == (0, 0, 1)

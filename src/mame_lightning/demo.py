@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -33,31 +34,35 @@ class Profile:
     steps: int
 
 
-FULL = Profile(autoencoder_steps=300, text2image_steps=2000, inpaint_steps=150, batch_size=32,
-               fidelity_images=8, sweep_scales="[1,4,7]", sweep_images=8, steps=24)
+FULL = Profile(autoencoder_steps=200, text2image_steps=1500, inpaint_steps=100, batch_size=32,
+               fidelity_images=8, sweep_scales="[1,4,7]", sweep_images=6, steps=24)
 QUICK = Profile(autoencoder_steps=4, text2image_steps=4, inpaint_steps=2, batch_size=4,
                 fidelity_images=1, sweep_scales="[4]", sweep_images=2, steps=2)
 
 
-def stages(root: Path, p: Profile) -> list[tuple[str, list[str]]]:
+def stages(root: Path, p: Profile, prepare_overrides: list[str] = ()) -> list[tuple[str, list[str]]]:
     """(title, module + overrides) of each stage; every one is a public entry point."""
     vae = root / "autoencoder" / "export" / "vae"
     t2i, inpaint = root / "text2image" / "export", root / "inpaint" / "export"
-    quiet = ["trainer.enable_progress_bar=false"]
+    every = max(p.text2image_steps // 3, 1)
+    quiet = ["trainer.enable_progress_bar=false", f"trainer.val_check_interval={every}",
+             f"callbacks.checkpoint.every_n_train_steps={every}"]
     return [
-        ("Prepare the synthetic phantom set (64 px)", ["mame_lightning.prepare", "dataset=synthetic"]),
+        ("Prepare the synthetic phantom set (64 px)",
+         ["mame_lightning.prepare", "dataset=synthetic", *prepare_overrides]),
         ("Fine-tune the tiny autoencoder on the phantoms", [
             "mame_lightning.train", "task=autoencoder", f"hydra.run.dir={root / 'autoencoder'}",
-            f"trainer.max_steps={p.autoencoder_steps}", "dataset.batch_size=16", "optimizer.lr=1e-3",
+            f"trainer.max_steps={p.autoencoder_steps}", "dataset.batch_size=8", "optimizer.lr=1e-3",
             "callbacks.sample_grid=null", *quiet]),
         ("Train tiny text-to-image on cached latents", [
             "mame_lightning.train", "task=text2image", f"model.vae_path={vae}", "dataset.latent_cache=true",
             f"hydra.run.dir={root / 'text2image'}", f"trainer.max_steps={p.text2image_steps}",
-            f"dataset.batch_size={p.batch_size}", "optimizer.lr=1e-3", *quiet]),
+            f"dataset.batch_size={p.batch_size}", "optimizer.lr=1e-3", f"callbacks.sample_grid.every_n_steps={every}",
+            *quiet]),
         ("Short inpainting run, starting from the text-to-image model (conv_in widened to 9)", [
             "mame_lightning.train", "task=inpaint", "model=sd15_inpaint", f"model.path={root / 'text2image' / 'export'}",
             f"hydra.run.dir={root / 'inpaint'}", f"trainer.max_steps={p.inpaint_steps}",
-            "dataset.batch_size=8", "optimizer.lr=1e-3", *quiet]),
+            "dataset.batch_size=8", "dataset.latent_cache=true", "optimizer.lr=1e-3", *quiet]),
         ("Prompt fidelity: generate per attribute and measure", [
             "mame_lightning.evaluate", "mode=fidelity", f"model_path={t2i}", f"out={root / 'fidelity'}",
             f"fidelity.images_per_prompt={p.fidelity_images}", f"guidance.steps={p.steps}"]),
@@ -78,7 +83,8 @@ def run_stage(title: str, args: list[str], log_dir: Path) -> float:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"{args[0].split('.')[-1]}-{int(started)}.log"
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
             if _worth_showing(line):
@@ -95,7 +101,9 @@ def run_stage(title: str, args: list[str], log_dir: Path) -> float:
 def _worth_showing(line: str) -> bool:
     keys = ("kept", "agreement", "exported", "s/image", "seconds per image", "error", "Sweep", "written",
             "wrote", "| ")
-    return any(k in line for k in keys) and "Warning" not in line
+    progress_bar = "%|" in line or "it/s]" in line or "img/s]" in line
+    noise = "Warning" in line or "should be kept in float32" in line
+    return any(k in line for k in keys) and not noise and not progress_bar
 
 
 def summarise(root: Path, timings: dict[str, float]) -> str:
@@ -128,11 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="outputs/demo", help="where the demo's runs go (default outputs/demo)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the flow, learns nothing")
+    parser.add_argument("--prepare-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra override for the synthetic set, e.g. dataset.source.n=64 (repeatable)")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     profile = QUICK if args.quick else FULL
     timings: dict[str, float] = {}
-    for title, stage_args in stages(root, profile):
+    for title, stage_args in stages(root, profile, args.prepare_override):
         timings[title] = run_stage(title, stage_args, root / "logs")
     summary = summarise(root, timings)
     (root / "summary.md").write_text(summary)

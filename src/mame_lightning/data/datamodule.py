@@ -345,28 +345,12 @@ class PreparedDataModule(lightning.LightningDataModule):
         trainer.strategy.barrier("latent_cache")
         return result if result is not None else fn()
 
-    def _stream_loader(self, dataset: Dataset) -> DataLoader:
-        """Step-based training: an endless seeded stream that resumes at the restored step."""
-        trainer = self.trainer
-        start, rank, world = 0, 0, 1
-        if trainer is not None:
-            start = trainer.global_step * trainer.accumulate_grad_batches
-            rank, world = trainer.global_rank, trainer.world_size
-        sampler = ResumableStreamSampler(
-            len(dataset), self.batch_size, seed=self.seed, start_batch=start, rank=rank, world_size=world
-        )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
-
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if train and self.sampling == "stream":
-            return self._stream_loader(dataset)
+            sampler = ResumableStreamSampler.for_trainer(len(dataset), self.batch_size, self.seed, self.trainer)
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory,
+                              persistent_workers=self.persistent_workers and self.num_workers > 0)
         generator = torch.Generator().manual_seed(self.seed) if train else None
         return DataLoader(
             dataset,

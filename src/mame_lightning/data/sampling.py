@@ -37,6 +37,15 @@ class ResumableStreamSampler(Sampler[int]):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
 
+    @classmethod
+    def for_trainer(cls, n: int, batch_size: int, seed: int, trainer=None) -> "ResumableStreamSampler":
+        """Start where the (possibly restored) trainer is: global_step × accumulation micro-batches."""
+        if trainer is None:
+            return cls(n, batch_size, seed=seed)
+        start = trainer.global_step * trainer.accumulate_grad_batches
+        return cls(n, batch_size, seed=seed, start_batch=start, rank=trainer.global_rank,
+                   world_size=trainer.world_size)
+
     def _global_position(self, local_batch: int) -> int:
         """Index into the global stream of the first item of this rank's local batch."""
         return (local_batch * self.world_size + self.rank) * self.batch_size
