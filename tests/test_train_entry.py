@@ -75,6 +75,14 @@ def test_training_run_freezes_vae_trains_unet_and_text_encoder_and_exports(task,
                output_type="np", **kwargs).images
     assert out.shape == (1, 64, 64, 3) and float(out.std()) > 0
 
+    if task == "text2image":  # `python -m mame_lightning.export ckpt=...` rebuilds the same pipeline
+        from mame_lightning.export import export_checkpoint
+
+        again = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "from_ckpt")
+        rebuilt = StableDiffusionPipeline.from_pretrained(again, safety_checker=None)
+        assert not changed(state(pipe.unet), state(rebuilt.unet))
+        assert json.loads((again / "mame_lightning.json").read_text())["task"] == "text2image"
+
     acc = events(run_dir)
     assert "train/loss" in acc.Tags()["scalars"]
     assert len(acc.Scalars("train/loss")) >= 3
@@ -157,3 +165,26 @@ def test_ddp_on_two_cpu_processes_trains_logs_once_checkpoints_and_exports(root,
     event_files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(event_files) == 1, "only rank 0 logs"
     StableDiffusionPipeline.from_pretrained(run_dir / "export", safety_checker=None)
+
+
+@pytest.mark.parametrize("precision, lightning, frozen", [("32-true", "32-true", None),
+                                                          ("16-mixed", "16-mixed", "float16"),
+                                                          ("bf16-mixed", "bf16-mixed", "bfloat16")])
+def test_precision_configs_compose(precision, lightning, frozen, root, tmp_path):
+    cfg = compose_train(tmp_path / "run", root, tmp_path / "prepared", [f"precision={precision}"])
+    assert cfg.trainer.precision == lightning and cfg.precision.frozen_dtype == frozen
+
+
+@pytest.mark.parametrize("name", ["mame_hologic", "mame_siemens", "mame_fusion", "mame_inpaint_vindr",
+                                  "mame_inpaint_omi"])
+def test_paper_recipes_compose_with_the_papers_settings(name, root, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from train_helpers import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"run_dir={tmp_path}", f"experiment={name}"])
+    assert cfg.dataset.batch_size * cfg.trainer.accumulate_grad_batches == 256
+    assert cfg.optimizer._target_ == "bitsandbytes.optim.AdamW8bit" and cfg.optimizer.lr == 1e-6
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.task.module.gradient_checkpointing
+    assert cfg.task.name == ("inpaint" if "inpaint" in name else "text2image")
