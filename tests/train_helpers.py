@@ -53,8 +53,8 @@ def compose_train(run_dir: Path, root: Path, prepared: Path, overrides: list[str
                   synthetic: bool = True) -> OmegaConf:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[
-            f"run_dir={run_dir}", f"paths.root={root}", *overrides, f"dataset.prepared_dir={prepared}",
-            *(SMALL_SYNTHETIC if synthetic else []), *FAST,
+            f"run_dir={run_dir}", f"paths.root={root}", f"dataset.prepared_dir={prepared}",
+            *(SMALL_SYNTHETIC if synthetic else []), *FAST, *overrides,
         ])
 
 

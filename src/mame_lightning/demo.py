@@ -122,7 +122,7 @@ def summarise(root: Path, timings: dict[str, float]) -> str:
     lines += [
         "",
         "Where things are:",
-        f"- training sample grids: {root}/text2image/samples/ (and TensorBoard)",
+        f"- training sample grids: {root}/text2image/tensorboard/samples/ (and in TensorBoard)",
         f"- per-attribute grids and confusion matrices: {root}/fidelity/",
         f"- guidance sweep (Table 3 shape): {root}/sweep/sweep.md, plot {root}/sweep/msssim_vs_guidance.png",
         f"- lesion pipeline output: {root}/full/ (images, masks, finding_annotations.csv)",
