@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -22,9 +23,10 @@ import lightning as L
 import torch
 
 import setups
-from common import (PeakMemory, StepClock, add_common_args, device_info, device_label, disk_free_mib, finish_args,
-                    format_table, make_record, memory_available_mib, per_second, quiet_warnings, ratio, ratio_line,
-                    record_result, release_memory, resolve_device, run_guarded, step_stats)
+from common import (StepClock, add_common_args, device_info, device_label, finish_args, format_table, make_record,
+                    per_second, quiet_warnings, ratio, ratio_line, record_result, resolve_device, run_guarded,
+                    step_stats)
+from memory import PeakMemory, disk_free_mib, memory_available_mib, release_memory
 from reference_train_loop import reference_train
 
 NAME = "train"
@@ -167,6 +169,25 @@ def measure_once(setup: Setup, variant: Variant, device: torch.device, model_cac
             "peak_delta_mib": memory.delta_mib, "memory_kind": memory.kind, **extra}
 
 
+def measure_isolated(threads: int, *args) -> dict:
+    """measure_once in this (child) process, with the parent's thread count."""
+    torch.set_num_threads(threads)
+    return measure_once(*args)
+
+
+def measure_in_child(*args) -> dict:
+    """measure_once in a fresh process: its memory is its own, and if the kernel kills it for
+    memory (full-size weights on a shared machine) only this variant is lost."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(measure_isolated, torch.get_num_threads(), *args).result()
+        except BrokenProcessPool as error:
+            raise MemoryError("the measuring process died (killed for memory?)") from error
+
+
 def summarise(setup: Setup, variant: Variant, runs: list[dict]) -> dict:
     """Pool the step times of every round; the first round's cache time is the build, later ones reuse it."""
     wall = step_stats([t for run in runs for t in run["wall"]])
@@ -182,8 +203,13 @@ def summarise(setup: Setup, variant: Variant, runs: list[dict]) -> dict:
     return row
 
 
-def measure_setup(setup: Setup, variants, device: torch.device, model_cache: Path, rounds: int) -> list[dict]:
-    """Every variant once per round, rounds interleaved so a change in machine load hits all alike."""
+def measure_setup(setup: Setup, variants, device: torch.device, model_cache: Path, rounds: int,
+                  precheck=lambda: None, isolate: bool = False) -> list[dict]:
+    """Every variant once per round, rounds interleaved so a change in machine load hits all alike.
+
+    `precheck()` runs before each variant and returns why it cannot run now (e.g. memory other
+    processes took since the start), or None.
+    """
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="latent_cache_", dir=setup.prepared.parent) as latent_cache:
@@ -198,9 +224,14 @@ def measure_setup(setup: Setup, variants, device: torch.device, model_cache: Pat
                     continue
                 print(f"[train] {setup.model} {variant.name} (round {number + 1}/{rounds}) ...", flush=True)
                 own_cache = Path(latent_cache) / variant.name.replace(" ", "_").replace("+", "_")
-                result = run_guarded(variant.name, functools.partial(
-                    measure_once, setup, variant, device, model_cache, own_cache))
-                if "skipped" in result:
+                release_memory()
+                why = precheck()
+                measure = measure_in_child if isolate else measure_once
+                result = {"skipped": why} if why else run_guarded(variant.name, functools.partial(
+                    measure, setup, variant, device, model_cache, own_cache))
+                if "skipped" in result and runs[variant.name]:
+                    print(f"[train] {variant.name}: round {number + 1} not run ({result['skipped']})", flush=True)
+                elif "skipped" in result:
                     skipped[variant.name] = result["skipped"]
                 else:
                     runs[variant.name].append(result)
@@ -256,6 +287,9 @@ def sd15_fits(setup: Setup, cache_dir: Path, budget_mib: float | None = None) ->
 
 def setups_for(args, device: torch.device) -> list[Setup]:
     chosen = ("tiny", "sd15_arch") if args.model == "both" else (args.model,)
+    if args.quick and args.model == "both":  # a smoke run; the full-size model takes minutes and ~15 GB
+        print("[train] --quick: tiny model only (--model sd15_arch to include the full size)", flush=True)
+        chosen = ("tiny",)
     out = []
     precision = args.precision or ("16-mixed" if device.type == "cuda" else "32")
     if "tiny" in chosen:
@@ -285,14 +319,18 @@ def run(args) -> dict:
             print(f"sd15_arch skipped: {why}", flush=True)
             rows += [{"model": setup.model, "variant": v.name, "skipped": why} for v in variants]
             continue
-        rounds = 1 if args.quick or setup.model == "sd15_arch" else args.rounds
-        rows += measure_setup(setup, variants, device, args.cache_dir, rounds)
+        rounds = 1 if args.quick else args.sd15_rounds if setup.model == "sd15_arch" else args.rounds
+        precheck = (functools.partial(sd15_fits, setup, args.cache_dir)
+                    if setup.model == "sd15_arch" and device.type == "cpu" else lambda: None)
+        rows += measure_setup(setup, variants, device, args.cache_dir, rounds, precheck,
+                              isolate=setup.model == "sd15_arch")
     compare(rows)
     ratios = summary_ratios(rows)
     facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     table = format_table(rows, COLUMNS, title=f"Training throughput on {device_label(facts)}")
-    config = {"setups": [{k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
-                         for s in chosen], "rounds": args.rounds, "quick": args.quick}
+    config = {"setups": [{**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+                          "images": setups.text2image_count(s.prepared)} for s in chosen], "rounds": args.rounds, "sd15_rounds": args.sd15_rounds,
+              "quick": args.quick}
     record_result(args, NAME, make_record(NAME, facts, config, rows, ratios))
     print(table)
     print(ratio_line(NAME, ratios), flush=True)
@@ -310,6 +348,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sd15-size", type=int, default=256)
     p.add_argument("--sd15-batch", type=int, default=1)
     p.add_argument("--sd15-steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--sd15-rounds", type=int, default=2, help="interleaved rounds (each reloads the weights)")
     p.add_argument("--sd15-train-text-encoder", action="store_true",
                    help="also train the text encoder at full size (off: UNet only, diffusers' example default)")
     p.add_argument("--precision", choices=sorted(setups.PRECISIONS), default=None,

@@ -17,7 +17,8 @@ import bench_infer
 import bench_overhead
 import bench_prepare
 import bench_train
-from common import add_common_args, format_table, ratio_line, release_memory
+from common import add_common_args, format_table, ratio_line
+from memory import release_memory
 
 BENCHMARKS = {"prepare": bench_prepare, "overhead": bench_overhead, "infer": bench_infer, "train": bench_train}
 GOALS = {  # what each headline ratio should reach (docs/benchmarks.md explains them)

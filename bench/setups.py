@@ -89,11 +89,6 @@ def sd15_is_built(cache_dir: Path) -> bool:
     return False
 
 
-def trainable_count(components, train_text_encoder: bool) -> int:
-    modules = [components.unet] + ([components.text_encoder] if train_text_encoder else [])
-    return sum(p.numel() for m in modules for p in m.parameters())
-
-
 def prepare_overrides(raw_dir: Path, prepared_dir: Path, *, size: int, n: int, height: int, width: int,
                       workers: int = 0, keep_all: bool = False, chunk_size: int = 4) -> list[str]:
     """The prepare.yaml overrides for a synthetic set; `keep_all` turns off the content filters

@@ -104,7 +104,9 @@ def test_make_record_holds_device_versions_and_time():
 def test_peak_memory_sees_a_temporary_allocation():
     import numpy as np
 
-    with common.PeakMemory("cpu", interval=0.001) as memory:
+    import memory as memory_module
+
+    with memory_module.PeakMemory("cpu", interval=0.001) as memory:
         block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
         time.sleep(0.05)
         del block
@@ -160,3 +162,50 @@ def test_prepare_quick_run_prints_a_ratio_line(tmp_path):
     (record,) = common.read_records(tmp_path / "results" / "prepare.jsonl")
     assert {row["workers"] for row in record["figures"]} == {1, 2}
     assert all(row["prepared"] > 0 for row in record["figures"])
+
+
+def test_train_rows_are_compared_with_the_matching_reference():
+    import bench_train
+
+    rows = [
+        {"model": "tiny", "variant": "reference", "path": "reference", "checkpointing": False, "optimizer": "adamw",
+         "images_per_s": 10.0, "step_s": 0.8, "cpu_s_per_image": 0.1, "peak_delta_mib": 200.0},
+        {"model": "tiny", "variant": "reference+ckpt", "path": "reference", "checkpointing": True,
+         "optimizer": "adamw", "images_per_s": 5.0, "step_s": 1.6, "cpu_s_per_image": 0.2, "peak_delta_mib": 100.0},
+        {"model": "tiny", "variant": "ours+cache", "path": "ours", "checkpointing": False, "optimizer": "adamw",
+         "images_per_s": 16.0, "step_s": 0.5, "cpu_s_per_image": 0.05, "cache_build_s": 3.0},
+        {"model": "tiny", "variant": "ours+cache+ckpt", "path": "ours", "checkpointing": True, "optimizer": "adamw",
+         "images_per_s": 4.0, "step_s": 2.0, "cpu_s_per_image": 0.25, "cache_build_s": 3.0},
+        {"model": "tiny", "variant": "ours+cache 8bit", "skipped": "RuntimeError: no kernel"},
+    ]
+    bench_train.compare(rows)
+    assert rows[2]["vs_reference"] == pytest.approx(1.6) and rows[2]["vs_reference_cpu"] == pytest.approx(2.0)
+    assert rows[2]["break_even_steps"] == pytest.approx(10.0)  # 3 s of cache / 0.3 s saved per step
+    assert rows[3]["vs_reference"] == pytest.approx(0.8) and "break_even_steps" not in rows[3]  # never pays off
+    ratios = bench_train.summary_ratios(rows)
+    assert ratios["tiny.cache_vs_ref"] == pytest.approx(1.6)
+    assert ratios["tiny.ckpt_cache_vs_ref_ckpt"] == pytest.approx(0.8)
+    assert ratios["tiny.8bit_cache_vs_ref_8bit"] is None
+    assert ratios["tiny.ckpt_memory_saving"] == pytest.approx(2.0)
+
+
+def test_full_size_run_is_skipped_without_the_memory(tmp_path):
+    import bench_train
+
+    setup = bench_train.Setup("sd15_arch", 256, 1, 1, 2, tmp_path, False, "32")
+    assert "free memory" in bench_train.sd15_fits(setup, tmp_path, budget_mib=8 * 1024)
+    enough = bench_train.sd15_fits(setup, tmp_path, budget_mib=64 * 1024)
+    assert enough is None or "disk" in enough  # memory is no longer the reason
+
+
+def test_run_all_summary_marks_goals():
+    import run_all
+
+    rows = run_all.summary_rows({
+        "train": {"ratios": {"tiny.cache_vs_ref": 1.2, "sd15_arch.cache_vs_ref": None}},
+        "overhead": {"ratios": {"trainer_vs_bare": 0.97}},
+        "infer": {"ratios": {}, "error": "boom"},
+    })
+    met = {row["ratio"]: row["met"] for row in rows}
+    assert met == {"train.tiny.cache_vs_ref": False, "train.sd15_arch.cache_vs_ref": None,
+                   "overhead.trainer_vs_bare": True, "infer (failed)": None}
