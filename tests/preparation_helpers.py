@@ -1,4 +1,4 @@
-"""Small raw sets for preparation tests: phantom DICOMs in folder, VinDr and OMI-DB layouts."""
+"""Small raw sets for preparation tests: phantom DICOMs in folder, VinDr and OMI-DB release layouts."""
 
 from __future__ import annotations
 
@@ -114,22 +114,29 @@ def write_vindr(root: Path, images: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def write_omi(root: Path, images: list[dict], client="demd100", status="N") -> None:
-    """images: dicts with sop, marks [(x1, y1, x2, y2, type)], implant, special, dicom kwargs."""
-    record = {"ClientID": client, "Status": status, "Studies": {"1.9": {"Images": {}}}}
+def write_omi(root: Path, images: list[dict], client="demd100", lesion_sides=None, study="1.9") -> dict:
+    """One OMI-DB client in the release layout (tests/omi_layout.py): images are dicts with sop,
+    marks [(x1, y1, x2, y2, flag)] or ``"drawn"`` (a Mass mark around each drawn lesion),
+    ``missing=True`` (JSON header only, no .dcm) and dicom kwargs (vendor, view, laterality,
+    lesions, implant, extra={"SeriesDescription": ...}, ...). Returns the phantoms by sop."""
+    from omi_layout import mark, write_client, write_header
+
+    marks, phantoms = {}, {}
     for image in images:
-        vendor = image.get("vendor", "hologic")
-        record["Studies"]["1.9"]["Images"][image["sop"]] = {
-            "ViewPosition": image.get("view", "CC"), "ImageLaterality": image.get("laterality", "L"),
-            "Manufacturer": MANUFACTURERS[vendor], "BreastImplantPresent": image.get("implant_json", "NO"),
-            "SpecialProtocol": image.get("special", False),
-            "Marks": [dict(zip(("X1", "Y1", "X2", "Y2", "LesionType"), m)) for m in image.get("marks", [])],
-        }
-        kwargs = {k: image[k] for k in ("laterality", "view", "area", "lesions", "seed", "drawn") if k in image}
-        write_dicom(root / "images" / client / "1.9" / f"{image['sop']}.dcm", vendor=vendor, **kwargs)
-    path = root / "data" / client / f"{client}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+        kwargs = {k: image[k] for k in ("laterality", "view", "area", "lesions", "seed", "drawn", "implant",
+                                        "extra") if k in image}
+        ds, phantoms[image["sop"]] = phantom_dataset(vendor=image.get("vendor", "hologic"), sop_uid=image["sop"],
+                                                     **kwargs)
+        if not image.get("missing"):
+            save_dataset(ds, root / "images" / client / study / f"{image['sop']}.dcm")
+        write_header(root, client, study, image["sop"], ds)
+        listed = image.get("marks", [])
+        if listed == "drawn":
+            listed = [(int(np.floor(b.x0)), int(np.floor(b.y0)), int(np.ceil(b.x1)), int(np.ceil(b.y1)), "Mass")
+                      for b in phantoms[image["sop"]].boxes]
+        marks[image["sop"]] = [mark(number, *m[:4], *m[4:]) for number, m in enumerate(listed, 1)]
+    write_client(root, client, {study: marks}, lesion_sides, headers=False)
+    return phantoms
 
 
 # --- configs and outputs ----------------------------------------------------------------------

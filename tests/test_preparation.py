@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
-from mame_lightning.data.geometry import box_mask
+from mame_lightning.data.geometry import apply_image, box_mask, plan
 from mame_lightning.data.preparation import prepare_dataset
 from mame_lightning.data.records import Box
 from mame_lightning.data.synthetic_plan import phi_of, plan_set
 from preparation_helpers import (
     HEIGHT, PHI, SIZE, WIDTH, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs,
-    write_dicom, write_omi, write_vindr,
+    phantom_dataset, write_dicom, write_omi, write_vindr,
 )
 
 GOOD = {"good/cc_left.dcm": dict(view="CC", laterality="L", vendor="siemens", seed=1),
@@ -177,10 +177,10 @@ def mixed_raw(tmp_path_factory):
     ])
     write_omi(root / "omi", [
         dict(sop="1.1", area="big", seed=5),
-        dict(sop="1.2", view="MLO", laterality="R", marks=[(20, 40, 60, 100, "mass")], seed=6),
-        dict(sop="1.3", special="Stereotactic", seed=7),
+        dict(sop="1.2", view="MLO", laterality="R", marks=[(60, 40, 20, 100, "Mass")], seed=6),
+        dict(sop="1.3", extra={"SeriesDescription": "L CC MAGNIFICATION"}, seed=7),
         dict(sop="1.4", vendor="siemens", seed=8),
-        dict(sop="1.5", implant_json="YES", seed=9),  # the tag says no, the annotation says yes
+        dict(sop="1.5", implant=True, seed=9),
     ])
     return root
 
@@ -212,7 +212,7 @@ def test_mask_png_matches_metadata_boxes_and_the_hand_mapped_mark(mixed_raw, tmp
     _, lines = _run("omi_h", mixed_raw / "omi", tmp_path)
     line = lines["images/demd100/1.9/1.2.dcm"]
     # 128x104 -> scale 0.5 -> 64x52, crop rows 6..58; right breast mirrored in x (52 - x).
-    assert line["boxes"] == [[52 - 30, 40 / 2 - 6, 52 - 10, 100 / 2 - 6, "mass"]]
+    assert line["boxes"] == [[52 - 30, 40 / 2 - 6, 52 - 10, 100 / 2 - 6, "Mass"]]
     mask = np.asarray(Image.open(tmp_path / "inpaint" / line["mask"]))
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) == {0, 255}
     assert np.array_equal(mask, box_mask([Box(*b) for b in line["boxes"]], SIZE))
@@ -229,6 +229,50 @@ def test_omi_h_prompts_and_filters(mixed_raw, tmp_path):
     kinds = {e["file"]: e["kind"] for e in report["filtered"]}
     assert kinds == {"images/demd100/1.9/1.3.dcm": "special protocol", "images/demd100/1.9/1.4.dcm": "vendor",
                      "images/demd100/1.9/1.5.dcm": "implant"}
+
+
+def test_omi_h_in_the_release_layout_end_to_end(tmp_path):
+    """Healthy Hologic images -> text2image with the OMI-H prompt, marked ones -> inpaint with a
+    mask over the drawn lesion, other vendors filtered (a missing .dcm too, by its JSON header), an
+    unmarked image of a client with lesions counted, a broken client JSON rejected, the rest kept."""
+    raw = tmp_path / "raw"
+    write_omi(raw, [dict(sop="1.1", area="big", seed=5), dict(sop="1.2", view="MLO", seed=6),
+                    dict(sop="1.3", vendor="siemens", seed=7),
+                    dict(sop="1.4", vendor="other", missing=True, seed=8)], client="demd100")
+    phantoms = write_omi(raw, [dict(sop="2.1", laterality="R", lesions=("mass",), marks="drawn", seed=9),
+                               dict(sop="2.2", seed=10)], client="optm200", study="2.9", lesion_sides={"R": 1})
+    broken = raw / "data" / "demd300"
+    broken.mkdir(parents=True)
+    (broken / "imagedb_demd300.json").write_text('{"Site": "X", "STUDIES": ')
+    out = tmp_path / "out"
+    report, lines = _run("omi_h", raw, out)
+
+    healthy = {s: l for s, l in lines.items() if l["task"] == "text2image"}
+    assert set(healthy) == {"images/demd100/1.9/1.1.dcm", "images/demd100/1.9/1.2.dcm"}
+    assert healthy["images/demd100/1.9/1.1.dcm"]["prompt"] == "a mammogram in CC view with big area"
+    assert healthy["images/demd100/1.9/1.2.dcm"]["prompt"].startswith("a mammogram in MLO view with ")
+    assert {l["vendor"] for l in lines.values()} == {"hologic"}
+
+    lesion = lines["images/optm200/2.9/2.1.dcm"]
+    assert lesion["task"] == "inpaint" and lesion["prompt"] == "a mammogram with a lesion" and lesion["flipped"]
+    # the lesion's own pixels, moved by the geometry preparation used, lie under the stored mask
+    spec_without = phantom_dataset(laterality="R", vendor="hologic", seed=9)[1]
+    drawn = np.abs(phantoms["2.1"].image - spec_without.image) > 0.02
+    geom = plan(HEIGHT, WIDTH, SIZE, flip=True)
+    moved = apply_image(drawn.astype(np.float32), geom) > 0.5
+    mask = np.asarray(Image.open(out / "inpaint" / lesion["mask"])) > 0
+    assert moved.sum() > 5 and (moved & mask).sum() >= 0.95 * moved.sum()
+    assert mask.sum() < 4 * max(moved.sum(), 1)  # a box around the lesion, not the whole breast
+
+    filtered = {e["file"]: e for e in report["filtered"]}
+    assert filtered["images/demd100/1.9/1.3.dcm"]["kind"] == "vendor"
+    assert filtered["images/demd100/1.9/1.4.dcm"]["kind"] == "vendor"  # never downloaded: its header says GE
+    assert filtered["images/optm200/2.9/2.2.dcm"]["kind"] == "unmarked image, client has lesions"
+    assert report["counts"]["filtered"] == {"unmarked image, client has lesions": 1, "vendor": 2}
+    rejected = {e["file"]: e for e in report["rejected"]}
+    assert set(rejected) == {"data/demd300/imagedb_demd300.json"}
+    assert "not valid JSON" in rejected["data/demd300/imagedb_demd300.json"]["reason"]
+    assert report["counts"]["kept"] == {"text2image": 2, "inpaint": 1}
 
 
 def test_fusion_prompts_name_the_vendor_and_filter_per_part(mixed_raw, tmp_path):

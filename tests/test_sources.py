@@ -1,4 +1,4 @@
-"""Metadata sources: VinDr CSVs, OMI-DB client JSON, DICOM folder walks, combined sets."""
+"""Metadata sources: VinDr CSVs, OMI-DB in its release layout, DICOM folder walks, combined sets."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import mame_lightning
-from mame_lightning.data.records import Box
+from mame_lightning.data.records import Box, ImageRecord, Rejection
 from mame_lightning.data.sources import CombinedSource, SourceError, parse_flag
 from mame_lightning.data.sources.folder import FolderSource, has_dicom_marker, path_id
-from mame_lightning.data.sources.omi import OmiSource
+from mame_lightning.data.sources.omi import NOT_HEALTHY_KIND, OmiSource
 from mame_lightning.data.sources.synthetic import MARKER, SyntheticSource, ensure_raw_set
 from mame_lightning.data.sources.vindr import VinDrSource, parse_categories, parse_density
+from omi_layout import mark, omidb_view, write_client, write_header
 
 CONF = Path(mame_lightning.__file__).parent / "conf"
 BREAST_COLUMNS = ["study_id", "series_id", "image_id", "laterality", "view_position", "height",
@@ -97,13 +98,6 @@ def test_vindr_missing_csv_names_the_file(vindr_dir, missing):
         list(VinDrSource().records(vindr_dir))
 
 
-def test_vindr_bad_category_list_names_file_and_line(vindr_dir):
-    rows = [finding_row("st1", "healthy", "['Mass'")]
-    write_csv(vindr_dir / "finding_annotations.csv", FINDING_COLUMNS, rows)
-    with pytest.raises(SourceError, match=r"finding_annotations.csv line 2"):
-        list(VinDrSource().records(vindr_dir))
-
-
 def test_vindr_category_and_density_parsing():
     assert parse_categories("['Mass', 'Suspicious Calcification']", "x") == ["Mass", "Suspicious Calcification"]
     assert parse_categories("Mass", "x") == ["Mass"] and parse_categories("", "x") == []
@@ -111,67 +105,108 @@ def test_vindr_category_and_density_parsing():
     assert parse_density("") is None and parse_density("DENSITY E") is None
 
 
-def omi_client(client="demd1", status="M", images=None):
-    return {"ClientID": client, "Status": status, "Studies": {"1.2.3": {"Images": images or {}}}}
+def test_vindr_bad_row_rejects_its_image_and_the_rest_goes_on(vindr_dir):
+    rows = [finding_row("st1", "healthy", "['No Finding']"), finding_row("st1", "multi", "['Mass'"),
+            finding_row("st2", "unboxed", "['Mass']")]
+    write_csv(vindr_dir / "finding_annotations.csv", FINDING_COLUMNS, rows)
+    items = list(VinDrSource().records(vindr_dir))
+    rejected = [i for i in items if isinstance(i, Rejection)]
+    assert [r.image_id for r in rejected] == ["multi"]
+    assert rejected[0].file == "finding_annotations.csv" and "line 3" in rejected[0].reason
+    assert {i.image_id for i in items if isinstance(i, ImageRecord)} == {"healthy", "unboxed"}
 
 
-def omi_image(view="CC", lat="L", manufacturer="HOLOGIC, Inc.", implant="NO", special=False,
-              marks=(), file=None):
-    image = {"ViewPosition": view, "ImageLaterality": lat, "Manufacturer": manufacturer,
-             "BreastImplantPresent": implant, "SpecialProtocol": special,
-             "Marks": [dict(zip(("X1", "Y1", "X2", "Y2", "LesionType"), m)) for m in marks]}
-    if file:
-        image["File"] = file
-    return image
+# --- OMI-DB in the release layout ------------------------------------------------------------
 
 
-def write_client(root, client):
-    path = root / "data" / client["ClientID"] / f"{client['ClientID']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(client))
+def omi_tree(root: Path) -> Path:
+    """Two clients as the release lays them out, plus a folder that is not a client."""
+    write_client(root, "demd1", {"1.2.3": {
+        "1.2.3.1": [mark(7, 40, 90, 10, 30, "Mass"), mark(8, 5, 5, 8, 9, "SuspiciousCalcifications",
+                                                         "ArchitecturalDistortion")],
+        "1.2.3.2": []}}, lesion_sides={"R": 1})
+    write_client(root, "optm2", {"2.5": {"2.5.1": [], "2.5.2": []}})
+    (root / "data" / "notes").mkdir()
+    (root / "data" / "notes" / "readme.json").write_text("{}")
+    return root
 
 
-def test_omi_records(tmp_path):
-    write_client(tmp_path, omi_client("demd1", "M", {
-        "1.1": omi_image(marks=[(40, 90, 10, 30, "mass"), (5, 5, 8, 9, "calcification")]),
-        "1.2": omi_image(view="MLO", lat="r", implant="YES", special="Stereotactic"),
-    }))
-    write_client(tmp_path, omi_client("demd2", "N", {
-        "2.1": omi_image(manufacturer="SIEMENS", file="images/elsewhere/2.1.dcm")}))
-    records = {r.image_id: r for r in OmiSource().records(tmp_path)}
-    marked = records["1.1"]
-    assert marked.source == "images/demd1/1.2.3/1.1.dcm"
-    assert marked.boxes == [Box(10, 30, 40, 90, "mass"), Box(5, 5, 8, 9, "calcification")]
-    assert (marked.view, marked.laterality, marked.manufacturer) == ("CC", "L", "HOLOGIC, Inc.")
-    assert marked.implant is False and marked.special_protocol is False
+def test_omi_records_follow_the_release_layout_as_omidb_reads_it(tmp_path):
+    root = omi_tree(tmp_path)
+    items = list(OmiSource().records(root))
+    assert all(isinstance(i, ImageRecord) for i in items)
+    records = {r.image_id: r for r in items}
+    marked = records["1.2.3.1"]
+    assert marked.source == "images/demd1/1.2.3/1.2.3.1.dcm"
+    assert marked.boxes == [Box(10, 30, 40, 90, "Mass"),
+                            Box(5, 5, 8, 9, "Suspicious Calcification, Architectural Distortion")]
+    # attributes are the DICOM header's: the .dcm's during preparation, its JSON header until it is there
+    assert (marked.view, marked.laterality, marked.manufacturer, marked.implant) == (None, None, None, None)
+    assert marked.extra["header"]["manufacturer"] == "HOLOGIC, Inc."
+    # an unmarked image of a client with an NBSS lesion is neither healthy nor a lesion image
+    assert records["1.2.3.2"].extra["unlocalised_kind"] == NOT_HEALTHY_KIND
+    assert "1 lesion" in records["1.2.3.2"].extra["unlocalised_findings"][0]
+    assert "unlocalised_findings" not in records["2.5.1"].extra and records["2.5.1"].boxes == []
 
-    flagged = records["1.2"]
-    assert (flagged.view, flagged.laterality, flagged.implant, flagged.special_protocol) == ("MLO", "R", True, True)
-    assert records["2.1"].source == "images/elsewhere/2.1.dcm"
-    assert records["2.1"].manufacturer == "SIEMENS"
-
-
-def test_omi_unmarked_images_of_non_normal_clients_are_flagged_when_asked(tmp_path):
-    write_client(tmp_path, omi_client("demd1", "M", {"1.2": omi_image()}))
-    write_client(tmp_path, omi_client("demd2", "N", {"2.1": omi_image()}))
-    strict = {r.image_id: r for r in OmiSource(healthy_statuses=["N"]).records(tmp_path)}
-    assert "unlocalised_findings" in strict["1.2"].extra
-    assert "unlocalised_findings" not in strict["2.1"].extra
-    lenient = {r.image_id: r for r in OmiSource().records(tmp_path)}
-    assert "unlocalised_findings" not in lenient["1.2"].extra
+    judge = omidb_view(root)  # the omidb package reads the same clients, images and marks
+    assert set(judge) == {"demd1", "optm2"}
+    ours = {(r.source.split("/")[1], r.image_id): sorted((b.x0, b.y0, b.x1, b.y1) for b in r.boxes)
+            for r in records.values()}
+    theirs = {(client, image): sorted((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+                                      for x1, y1, x2, y2 in boxes)
+              for client, images in judge.items() for image, boxes in images.items()}
+    assert ours == theirs
 
 
-def test_omi_errors_name_the_file(tmp_path):
+def test_omi_unmarked_images_are_healthy_whatever_nbss_says_when_asked(tmp_path):
+    root = omi_tree(tmp_path)
+    (root / "data" / "demd1" / "nbss_demd1.json").unlink()  # not needed under this rule
+    records = {r.image_id: r for r in OmiSource(healthy="unmarked").records(root)}
+    assert "unlocalised_findings" not in records["1.2.3.2"].extra
+    with pytest.raises(ValueError, match="healthy"):
+        OmiSource(healthy="normal")
+
+
+def test_omi_bad_client_files_are_rejections_and_the_rest_goes_on(tmp_path):
+    root = omi_tree(tmp_path)
+    (root / "data" / "demd3").mkdir()
+    (root / "data" / "demd3" / "imagedb_demd3.json").write_text("{not json")
+    write_client(root, "demd4", {})
+    (root / "data" / "demd4" / "imagedb_demd4.json").write_text(json.dumps({"Site": "X", "studies": {}}))
+    write_client(root, "demd5", {"5.1": {"5.1.1": [{"MarkID": 1, "X1": "3", "Y1": "4"}], "5.1.2": []}})
+    write_client(root, "demd6", {"6.1": {"6.1.1": []}})
+    (root / "data" / "demd6" / "nbss_demd6.json").unlink()
+    (root / "data" / "demd7").mkdir()  # a client folder without any JSON
+    items = list(OmiSource().records(root))
+    rejected = {r.file: r for r in items if isinstance(r, Rejection)}
+    assert set(rejected) == {"data/demd3/imagedb_demd3.json", "data/demd4/imagedb_demd4.json",
+                             "data/demd5/imagedb_demd5.json", "data/demd6/nbss_demd6.json",
+                             "data/demd7/imagedb_demd7.json"}
+    assert "not valid JSON" in rejected["data/demd3/imagedb_demd3.json"].reason
+    assert "STUDIES" in rejected["data/demd4/imagedb_demd4.json"].reason
+    bad_mark = rejected["data/demd5/imagedb_demd5.json"]
+    assert bad_mark.image_id == "5.1.1" and "mark 1" in bad_mark.reason and "X2" in bad_mark.reason
+    assert "not found" in rejected["data/demd7/imagedb_demd7.json"].reason
+    kept = {r.image_id for r in items if isinstance(r, ImageRecord)}
+    assert kept == {"1.2.3.1", "1.2.3.2", "2.5.1", "2.5.2", "5.1.2"}  # the good image of demd5 too
+
     with pytest.raises(SourceError, match="data"):
-        list(OmiSource().records(tmp_path))
-    path = tmp_path / "data" / "c" / "c.json"
-    path.parent.mkdir(parents=True)
-    path.write_text("{not json")
-    with pytest.raises(SourceError, match="c.json"):
-        list(OmiSource().records(tmp_path))
-    write_client(tmp_path, omi_client("c", "M", {"1": omi_image(marks=[("a", 1, 2, 3, "mass")])}))
-    with pytest.raises(SourceError, match="c.json"):
-        list(OmiSource().records(tmp_path))
+        list(OmiSource().records(tmp_path / "elsewhere"))
+
+
+def test_omi_header_json_stands_in_for_a_dcm_not_there_yet(tmp_path):
+    from preparation_helpers import phantom_dataset
+
+    write_client(tmp_path, "demd9", {"9.1": {"9.1.1": [], "9.1.2": []}}, upper=True, headers=False)
+    ge, _ = phantom_dataset(vendor="other", view="MLO", laterality="R",
+                            extra={"SeriesDescription": "R MLO MAGNIFICATION"})
+    write_header(tmp_path, "demd9", "9.1", "9.1.1", ge, suffix=".dcm.json")
+    records = {r.image_id: r for r in OmiSource().records(tmp_path)}  # IMAGEDB_/NBSS_ spellings
+    header = records["9.1.1"].extra["header"]
+    assert header["manufacturer"] == "GE MEDICAL SYSTEMS" and header["view"] == "MLO"
+    assert header["laterality"] == "R" and header["modality"] == "MG"
+    assert header["special_protocol"] == "R MLO MAGNIFICATION"
+    assert "header" not in records["9.1.2"].extra  # neither a .dcm nor a header: rejected later
 
 
 def test_parse_flag():
@@ -208,15 +243,25 @@ def test_folder_missing_dir(tmp_path):
 
 
 def test_combined_source_prefixes_parts_from_config(tmp_path, vindr_dir):
-    omi = tmp_path / "omi"
-    write_client(omi, omi_client("c", "N", {"9.9": omi_image()}))
+    write_client(tmp_path / "omi", "demd1", {"1.2.3": {"9.9": []}})
     (tmp_path / "vindr").symlink_to(vindr_dir)
     cfg = OmegaConf.load(CONF / "dataset" / "fusion.yaml").source
     source = instantiate(cfg)
     assert isinstance(source, CombinedSource)
     sources = sorted(r.source for r in source.records(tmp_path))
-    assert sources == ["omi/images/c/1.2.3/9.9.dcm", "vindr/images/st1/healthy.dicom",
+    assert sources == ["omi/images/demd1/1.2.3/9.9.dcm", "vindr/images/st1/healthy.dicom",
                        "vindr/images/st1/multi.dicom", "vindr/images/st2/unboxed.dicom"]
+
+
+def test_combined_source_goes_on_when_one_part_cannot_be_read(tmp_path, vindr_dir):
+    (tmp_path / "vindr").symlink_to(vindr_dir)
+    source = CombinedSource({"omi": OmiSource(), "vindr": VinDrSource()})
+    items = list(source.records(tmp_path))  # no omi/ folder at all
+    rejected = [i for i in items if isinstance(i, Rejection)]
+    assert len(rejected) == 1 and rejected[0].file == "omi/data" and "not found" in rejected[0].reason
+    assert len([i for i in items if isinstance(i, ImageRecord)]) == 3
+    with pytest.raises(SourceError, match="no part could be read"):
+        list(CombinedSource({"omi": OmiSource()}).records(tmp_path / "empty"))
 
 
 def test_synthetic_source_writes_once_reuses_and_never_overwrites_foreign_folders(tmp_path):

@@ -16,10 +16,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 
 from mame_lightning.data import geometry, tissue
 from mame_lightning.data.dicom import normalise_vendor, read_dicom, tag_metadata, to_float_image, to_uint8
+from mame_lightning.data.filters import special_protocol
 from mame_lightning.data.sources.omi import OmiSource
 from mame_lightning.data.sources.vindr import VinDrSource
 from mame_lightning.data.synthetic_plan import plan_set, spread
 from mame_lightning.data.synthetic_set import write_synthetic_set
+from omi_layout import omidb_view
 
 N, H, W = 24, 128, 104
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -41,10 +43,6 @@ def read_rows(path):
 
 def dicom_files(root):
     return sorted(root.glob("vindr/images/*/*.dicom")) + sorted(root.glob("omi/images/*/*/*.dcm"))
-
-
-def omi_records(root):
-    return [json.loads(p.read_text()) for p in sorted(root.glob("omi/data/*/*.json"))]
 
 
 def test_vindr_layout_has_the_release_files_and_columns(made):
@@ -81,30 +79,44 @@ def test_vindr_layout_has_the_release_files_and_columns(made):
     assert ["Mass", "Suspicious Calcification"] in [ast.literal_eval(r["finding_categories"]) for r in findings]
 
 
-def test_omi_layout_has_one_client_record_per_client(made):
+def test_omi_layout_is_the_release_layout_as_omidb_reads_it(made):
     root, _, summary, _ = made
-    images = []
-    for path, record in zip(sorted(root.glob("omi/data/*/*.json")), omi_records(root)):
-        assert path.stem == path.parent.name == record["ClientID"]
-        assert set(record) >= {"ClientID", "Status", "Studies"}
-        lesion_client = False
-        for study_uid, study in record["Studies"].items():
-            for sop_uid, image in study["Images"].items():
-                assert set(image) >= {"ViewPosition", "ImageLaterality", "Manufacturer",
-                                      "BreastImplantPresent", "SpecialProtocol", "Marks", "File"}
-                assert image["File"] == f"images/{record['ClientID']}/{study_uid}/{sop_uid}.dcm"
-                assert (root / "omi" / image["File"]).is_file()
-                assert image["BreastImplantPresent"] in {"YES", "NO"}
-                assert isinstance(image["SpecialProtocol"], bool)
-                for mark in image["Marks"]:
-                    assert set(mark) == {"X1", "Y1", "X2", "Y2", "LesionType"}
-                    assert 0 <= mark["X1"] < mark["X2"] <= W and 0 <= mark["Y1"] < mark["Y2"] <= H
-                lesion_client |= bool(image["Marks"])
-                images.append(image)
-        assert (record["Status"] != "Normal") == lesion_client
-    assert len(images) == summary["counts"]["layout"]["omi"]
-    assert any(image["SpecialProtocol"] for image in images)
-    assert any(image["BreastImplantPresent"] == "YES" for image in images)
+    omi = root / "omi"
+    plans = [p for p in plan_set(N, seed=3) if p.layout == "omi"]
+    clients = {p.group for p in plans}
+    assert {p.name for p in (omi / "data").iterdir()} == clients and all(c.startswith("demd") for c in clients)
+    for client in clients:
+        imagedb = json.loads((omi / "data" / client / f"imagedb_{client}.json").read_text())
+        assert set(imagedb) == {"Site", "STUDIES"}
+        for study in imagedb["STUDIES"].values():
+            assert {"StudyDate", "EpisodeID"} <= set(study)
+        nbss = json.loads((omi / "data" / client / f"nbss_{client}.json").read_text())
+        has_lesion = any(p.lesions for p in plans if p.group == client)
+        assert ("LESION" in nbss["1"]) == has_lesion
+    for plan in plans:  # every image: its .dcm and its JSON header (two spellings, as in the release)
+        assert (omi / "images" / plan.group / plan.study_uid / f"{plan.sop_uid}.dcm").is_file()
+        headers = [omi / "data" / plan.group / plan.study_uid / f"{plan.sop_uid}{s}" for s in (".json", ".dcm.json")]
+        header = json.loads(next(h for h in headers if h.is_file()).read_text())
+        assert header["00080070"]["Value"][0] == plan.manufacturer  # Manufacturer, DICOM JSON model
+        assert "7FE00010" not in header and "00100010" not in header  # no pixels, no patient name
+    assert any((omi / "data").rglob("*.dcm.json")) and any((omi / "data").rglob("2.25.*[0-9].json"))
+
+    judge = omidb_view(omi)  # the omidb package reads every client, image and mark
+    assert set(judge) == clients
+    assert sum(len(images) for images in judge.values()) == summary["counts"]["layout"]["omi"]
+    for plan in plans:
+        assert bool(judge[plan.group][plan.sop_uid]) == bool(plan.lesions)
+        for x1, y1, x2, y2 in judge[plan.group][plan.sop_uid]:
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
+
+    records = [r for r in OmiSource().records(omi)]
+    assert len(records) == len(plans) and all(r.source.endswith(".dcm") for r in records)
+    specials = [p for p in plans if p.special_protocol]
+    assert specials  # written as a magnification series, read from the header
+    for plan in specials:
+        ds = pydicom.dcmread(omi / "images" / plan.group / plan.study_uid / f"{plan.sop_uid}.dcm",
+                             stop_before_pixels=True)
+        assert special_protocol(ds)
 
 
 def test_every_dicom_reads_back_and_every_variant_is_present(made):
@@ -227,7 +239,8 @@ def test_rerun_reuses_files_and_a_smaller_set_removes_the_rest(tmp_path):
 
     smaller = write_synthetic_set(tmp_path, 2, height=H, width=W, seed=1, progress=False)
     assert len(dicom_files(tmp_path)) == 2 and smaller["removed"] > 0
-    assert len(list((tmp_path / "omi/data").glob("*/*.json"))) == 1
+    assert len(list((tmp_path / "omi/data").glob("*/imagedb_*.json"))) == 1
+    assert len(list((tmp_path / "omi/data").glob("*/*/*.json"))) == 1  # one header per image left
     assert not [d for d in tmp_path.rglob("*") if d.is_dir() and not any(d.iterdir())]
 
 

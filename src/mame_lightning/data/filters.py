@@ -8,12 +8,22 @@ breast implants, no special protocols, one vendor per set. Every rule returns a 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
+from mame_lightning.data.dicom import tag_metadata
 from mame_lightning.data.records import ImageRecord
 
 # View modifiers (CID 4015) that make an image a diagnostic work-up view, not a screening one.
 WORKUP_MODIFIERS = ("spot", "magnif")
+# Words in a header's protocol descriptions that mark a special (non-screening) acquisition.
+SPECIAL_PROTOCOL_WORDS = ("MAG", "MAGNIFICATION", "MAGNIFIED", "BIOPSY", "STEREO", "STEREOTACTIC",
+                          "SPECIMEN", "LOCALISATION", "LOCALIZATION")
+# Where the header describes the protocol: standard attributes, and Hologic's field-of-view type
+# (private (0019,1039), e.g. 2D_CONTACT, 2D_MAGNIFICATION, 2D_BIOPSY).
+PROTOCOL_KEYWORDS = ("SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
+                     "RequestedProcedureDescription", "AcquisitionDeviceProcessingDescription")
+HOLOGIC_FOV_TYPE = 0x00191039
 
 
 def part_of(source: str) -> str:
@@ -32,6 +42,34 @@ def view_modifiers(ds) -> list[str]:
     return meanings
 
 
+def _text_of(element) -> str:
+    value = getattr(element, "value", element)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1", errors="replace")
+    return str(value or "")
+
+
+def special_protocol(ds) -> str | None:
+    """The header description naming a special protocol (magnification, biopsy, ...), else None."""
+    texts = []
+    for keyword in PROTOCOL_KEYWORDS:
+        try:
+            texts.append(_text_of(ds.get(keyword)))
+        except Exception:  # noqa: BLE001 - a malformed optional element reads as absent
+            continue
+    if HOLOGIC_FOV_TYPE in ds:
+        texts.append(_text_of(ds[HOLOGIC_FOV_TYPE]))
+    for text in texts:
+        if set(re.split(r"[^A-Z]+", text.upper())) & set(SPECIAL_PROTOCOL_WORDS):
+            return text.strip()
+    return None
+
+
+def image_tags(ds) -> dict:
+    """Everything the filters read from a DICOM header (a file's or one from a JSON header)."""
+    return {**tag_metadata(ds), "view_modifiers": view_modifiers(ds), "special_protocol": special_protocol(ds)}
+
+
 def merge_attributes(record: ImageRecord, tags: Mapping) -> dict:
     """Record fields where the source set them, DICOM tags for the rest."""
 
@@ -48,7 +86,7 @@ def merge_attributes(record: ImageRecord, tags: Mapping) -> dict:
         "presentation_intent": tags.get("presentation_intent"),
         # Either the annotation or the tag saying "implant" is enough to leave an image out.
         "implant": bool(record.implant) or bool(tags.get("implant")),
-        "special_protocol": record.special_protocol,
+        "special_protocol": pick(record.special_protocol, "special_protocol"),
         "view_modifiers": list(tags.get("view_modifiers") or []),
         "part": part_of(record.source),
     }
@@ -75,7 +113,8 @@ def unlocalised_reason(record: ImageRecord) -> tuple[str, str] | None:
     """A lesion image without any box can serve neither task: not healthy, no mask to inpaint."""
     findings = record.extra.get("unlocalised_findings")
     if findings and not record.boxes:
-        return "lesion without box", f"findings without a box: {'; '.join(map(str, findings))}"
+        kind = str(record.extra.get("unlocalised_kind") or "lesion without box")
+        return kind, f"findings without a box: {'; '.join(map(str, findings))}"
     return None
 
 
@@ -101,8 +140,10 @@ def filter_reason(attrs: Mapping, vendor: str | None, filters: Mapping) -> tuple
 
     if filters.get("exclude_implants", True) and attrs.get("implant"):
         return "implant", "breast implant present"
-    if filters.get("exclude_special_protocols", True) and attrs.get("special_protocol"):
-        return "special protocol", "acquired under a special protocol"
+    protocol = attrs.get("special_protocol")
+    if filters.get("exclude_special_protocols", True) and protocol:
+        named = f" ({protocol})" if isinstance(protocol, str) else ""
+        return "special protocol", f"acquired under a special protocol{named}"
 
     vendors = vendor_for(attrs.get("part", ""), filters.get("vendor"))
     if vendors and vendor not in vendors:

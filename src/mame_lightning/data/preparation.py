@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from mame_lightning.data.prepare_item import prepare_item
-from mame_lightning.data.records import ImageRecord
+from mame_lightning.data.records import ImageRecord, Rejection
 from mame_lightning.data.report import TASKS, write_json, write_prepared_set
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,15 @@ def _duplicate(record: ImageRecord, item_id: str) -> dict:
             "kind": "duplicate id", "reason": f"id {item_id} already used by another file"}
 
 
-def plan_items(records: Iterable[ImageRecord], raw_dir: Path, out_dir: Path,
+def plan_items(records: Iterable[ImageRecord | Rejection], raw_dir: Path, out_dir: Path,
                settings: Mapping) -> tuple[list[tuple], list[dict]]:
-    """Split records into jobs still to run and outcomes already finished (or duplicates)."""
+    """Split records into jobs still to run and outcomes already settled (finished items,
+    duplicates, and entries the source already rejected)."""
     jobs, done, seen = [], [], set()
     for record in records:
+        if isinstance(record, Rejection):
+            done.append(record.outcome())
+            continue
         item_id = safe_id(record.image_id)
         if item_id in seen:
             done.append(_duplicate(record, item_id))
@@ -189,10 +193,10 @@ def prepare_dataset(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     jobs, outcomes = plan_items(records, raw_dir, out_dir, settings)
-    reused = len(outcomes)
+    reused = sum("fingerprint" in o for o in outcomes)  # finished items (not duplicates or rejections)
     log.info("preparing %s: %d records, %d already prepared", settings["dataset"], len(records), reused)
     workers = int(preparation.get("num_workers", 0) or 0)
-    progress = tqdm(total=len(outcomes) + len(jobs), initial=reused, desc=f"prepare {settings['dataset']}",
+    progress = tqdm(total=len(outcomes) + len(jobs), initial=len(outcomes), desc=f"prepare {settings['dataset']}",
                     unit="img", dynamic_ncols=True, disable=preparation.get("progress", True) is False)
     with progress:
         for outcome in run_jobs(jobs, workers, int(preparation.get("chunk_size", 4))):

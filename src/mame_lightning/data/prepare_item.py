@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mame_lightning.data.dicom import DicomError, read_dicom, tag_metadata, to_float_image, to_uint8
-from mame_lightning.data.dicom import normalise_vendor
-from mame_lightning.data.filters import filter_reason, merge_attributes, unlocalised_reason, view_modifiers
+from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, to_float_image, to_uint8
+from mame_lightning.data.filters import filter_reason, image_tags, merge_attributes, unlocalised_reason
 from mame_lightning.data.geometry import Geometry, apply_image, box_mask, map_box, plan
 from mame_lightning.data.prompts import density_word, render_prompt
 from mame_lightning.data.records import Box, ImageRecord
@@ -125,16 +124,27 @@ def metadata_line(item_id: str, task: str, record: ImageRecord, attrs: Mapping, 
     return line
 
 
+def _missing(record: ImageRecord, settings: Mapping) -> dict:
+    """A listed image without its file: filtered when its header (from the listing) fails a rule
+    anyway, e.g. another vendor's image that was never downloaded; rejected otherwise."""
+    header = record.extra.get("header")
+    if header:
+        attrs = merge_attributes(record, header)
+        dropped = filter_reason(attrs, normalise_vendor(attrs["manufacturer"]), settings["filters"])
+        if dropped:
+            return _drop("filtered", *dropped)
+    return _drop("rejected", "missing file", "listed in the metadata but missing on disk")
+
+
 def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str) -> dict:
     path = raw_dir / record.source
     if not path.is_file():
-        return _drop("rejected", "missing file", "listed in the metadata but missing on disk")
+        return _missing(record, settings)
     unlocalised = unlocalised_reason(record)
     if unlocalised:
         return _drop("filtered", *unlocalised)
     ds = read_dicom(path)
-    tags = {**tag_metadata(ds), "view_modifiers": view_modifiers(ds)}
-    attrs = merge_attributes(record, tags)
+    attrs = merge_attributes(record, image_tags(ds))
     vendor = normalise_vendor(attrs["manufacturer"])
     dropped = filter_reason(attrs, vendor, settings["filters"])
     if dropped:

@@ -74,6 +74,25 @@ class ImageRecord:
         return cls(**values)
 
 
+@dataclass
+class Rejection:
+    """A listing or annotation entry a source could not turn into a record (a broken client JSON,
+    a malformed annotation row): it ends in the report's ``rejected`` list and the run goes on.
+
+    ``file`` is relative to the raw folder; ``image_id`` is set when the entry belongs to one image.
+    """
+
+    file: str
+    kind: str
+    reason: str
+    image_id: str = ""
+
+    def outcome(self) -> dict[str, Any]:
+        """The item outcome preparation records for it (no files written)."""
+        return {"id": self.image_id, "file": self.file, "status": "rejected", "task": None,
+                "kind": self.kind, "reason": self.reason}
+
+
 def _box_from_any(value: Box | dict | list | tuple) -> Box:
     if isinstance(value, Box):
         return value

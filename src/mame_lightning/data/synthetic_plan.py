@@ -137,14 +137,18 @@ def plan_set(n: int, seed: int = 0, lesion_fraction: float = 0.3, calcifications
         mixes = LAYOUT_MIX[layout] | {"lesions": lesion_weights}
         own = {k: spread(len(indices), w, rng) for k, w in mixes.items()}
         order = list(range(len(indices)))
-        if layout == "omi":  # clients are either healthy or have lesions, as OMI-DB statuses say
-            order.sort(key=lambda k: not own["lesions"][k])
-        for start in range(0, len(order), images_per_group):
+        groups = [order[i:i + images_per_group] for i in range(0, len(order), images_per_group)]
+        if layout == "omi":  # a client has lesions in NBSS or is healthy, never both
+            lesion = [k for k in order if own["lesions"][k]]
+            healthy = [k for k in order if not own["lesions"][k]]
+            groups = [part[i:i + images_per_group] for part in (lesion, healthy)
+                      for i in range(0, len(part), images_per_group)]
+        for members in groups:
             group_hex, patient = _hex_id(rng), patient + 1
             group = group_hex if layout == "vindr" else f"demd{patient:05d}"
             study_uids = [_uid(group_hex)] * 2 if layout == "vindr" else \
                 [_uid(_hex_id(rng)) for _ in range(2)]
-            for position, k in enumerate(order[start:start + images_per_group]):
+            for position, k in enumerate(members):
                 index = indices[k]
                 image_hex, series_hex = _hex_id(rng), _hex_id(rng)
                 values = {name: column[index] for name, column in common.items()}

@@ -1,8 +1,10 @@
 """Write a synthetic raw mammography set in the two layouts the metadata sources read.
 
 Half the phantoms go to ``vindr/`` (VinDr-Mammo release layout: CSV annotations, mostly Siemens,
-some XCCL views) and half to ``omi/`` (OMI-DB layout: one JSON record per client, mostly Hologic,
-some special-protocol images). Every acquisition variant a reader must handle (MONOCHROME1,
+some XCCL views) and half to ``omi/`` (OMI-DB layout as the ``omidb`` package reads it: per client
+``data/<client>/imagedb_<client>.json`` with the marks, ``nbss_<client>.json`` with the screening
+episode and its lesions, one JSON DICOM header per image, ``images/<client>/<study>/<image>.dcm``;
+mostly Hologic, some magnification images). Every acquisition variant a reader must handle (MONOCHROME1,
 12-bit, VOI windows, compressed transfer syntaxes, view codes instead of ViewPosition, series
 laterality instead of ImageLaterality) is spread over the set so that even 24 images cover each
 one. The DICOMs carry fake but recognisable patient identifiers so de-identification is testable.
@@ -29,7 +31,7 @@ from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.multival import MultiValue
 from tqdm import tqdm
 
-from mame_lightning.data.dicom import normalise_vendor
+from mame_lightning.data.dicom import PHI_KEYWORDS, normalise_vendor
 from mame_lightning.data.dicom_writer import TRANSFER_SYNTAXES, make_mammogram_dataset, save_dataset
 from mame_lightning.data.phantoms import PhantomSpec, render_phantom
 from mame_lightning.data.synthetic_plan import (FORMAT_VERSION, ImagePlan, fingerprint, phi_of,
@@ -43,7 +45,10 @@ MODELS = {"siemens": "Mammomat Inspiration", "hologic": "Selenia Dimensions",
           "Philips Digital Mammography Sweden AB": "MicroDose SI"}
 BASE_SPACING_MM = {"siemens": 0.085, "hologic": 0.07, "other": 0.1}
 
-OMI_LESION_TYPES = {"Mass": "mass", "Suspicious Calcification": "calcification"}
+# Phantom finding categories -> the OMI-DB mark flag that says so, and the NBSS lesion description.
+OMI_MARK_FLAGS = {"Mass": "Mass", "Suspicious Calcification": "SuspiciousCalcifications"}
+OMI_FLAG_NAMES = ("Mass", "SuspiciousCalcifications", "ArchitecturalDistortion", "FocalAsymmetry")
+OMI_SITE = "SYN"
 
 VINDR_BREAST_COLUMNS = ["study_id", "series_id", "image_id", "laterality", "view_position",
                         "height", "width", "breast_birads", "breast_density", "split"]
@@ -182,26 +187,80 @@ def _vindr_rows(plans: list[ImagePlan], info: dict[str, dict]) -> tuple[list, li
     return breast, findings, metadata
 
 
-def _omi_clients(plans: list[ImagePlan], info: dict[str, dict]) -> dict[str, dict]:
-    """One OMI-DB client record per client id."""
-    clients: dict[str, dict] = {}
+def _omi_date(patient: int) -> str:
+    return f"2015-{1 + patient % 12:02d}-{1 + patient % 28:02d}"
+
+
+def _omi_marks(findings: list, first_id: int) -> dict[str, dict]:
+    """An image's marks as IMAGEDB writes them: keyed by MarkID, corners as text, flags 0/1."""
+    marks = {}
+    for number, (x0, y0, x1, y1, categories) in enumerate(findings, start=first_id):
+        flags = {OMI_MARK_FLAGS[c] for c in categories}
+        box = [int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1))]
+        marks[str(number)] = {
+            "MarkID": number, "LesionID": number, "LinkedNBSSLesionNumber": "1",
+            **dict(zip(("X1", "Y1", "X2", "Y2"), map(str, box))),
+            "Width": str(box[2] - box[0]), "Height": str(box[3] - box[1]),
+            **{name: int(name in flags) for name in OMI_FLAG_NAMES}, "Conspicuity": "Obvious"}
+    return marks
+
+
+def _omi_episode(plans: list[ImagePlan], info: dict[str, dict]) -> dict:
+    """The client's NBSS screening episode; a side with marked images gets a lesion, an assessment
+    and a wide-bore biopsy whose opinion follows the BI-RADS of the plan."""
+    date = _omi_date(plans[0].patient)
+    episode = {"EpisodeType": "R", "EpisodeIsClosed": "Y", "EpisodeOpenedDate": date,
+               "SCREENING": {side: {"DateTaken": date, "Opinion": "RN"} for side in ("L", "R")}}
+    lesions, assessment, biopsy = {}, {}, {}
+    for side in ("L", "R"):
+        marked = [p for p in plans if p.laterality == side and info[p.path]["findings"]]
+        if not marked:
+            continue
+        kinds = {c for p in marked for box in info[p.path]["findings"] for c in box[4]}
+        malignant = max(p.birads for p in marked) >= 4
+        description = "MC" if len(kinds) > 1 else ("MA" if "Mass" in kinds else "CA")
+        episode["SCREENING"][side]["Opinion"] = "RS"
+        lesions[side] = {"1": {"LesionDescription": description}}
+        assessment[side] = {"1": {"DatePerformed": date, "Opinion": "A5" if malignant else "A3"}}
+        biopsy[side] = {"1": {"DatePerformed": date, "Opinion": "B5" if malignant else "B2"}}
+        biopsy[f"{'left' if side == 'L' else 'right'}_opinion"] = "OM" if malignant else "OB"
+    if lesions:
+        episode |= {"LESION": lesions, "ASSESSMENT": assessment, "BIOPSYWIDE": biopsy}
+    return episode
+
+
+def _omi_header(path: Path) -> str:
+    """The image's DICOM header (no pixel data) in the DICOM JSON model, as OMI-DB ships it; like
+    the VinDr metadata.csv it leaves the patient identifiers out (they stay in the DICOM only)."""
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword in PHI_KEYWORDS:
+        header.pop(keyword, None)
+    return json.dumps(header.to_json_dict(), indent=1, sort_keys=True) + "\n"
+
+
+def _omi_texts(plans: list[ImagePlan], info: dict[str, dict], root: Path) -> dict[str, str]:
+    """Per client IMAGEDB and NBSS records, and a JSON header per image (some as <image>.dcm.json,
+    as in the release), keyed by path relative to the set root."""
+    clients: dict[str, list[ImagePlan]] = {}
     for plan in plans:
-        client = clients.setdefault(plan.group, {"ClientID": plan.group, "Status": "Normal",
-                                                 "Studies": {}})
-        marks = [{"X1": int(np.floor(b[0])), "Y1": int(np.floor(b[1])), "X2": int(np.ceil(b[2])),
-                  "Y2": int(np.ceil(b[3])), "LesionType": OMI_LESION_TYPES[b[4][0]]}
-                 for b in info[plan.path]["findings"]]
-        if marks:
-            client["Status"] = "Malignant" if plan.birads >= 4 or client["Status"] == "Malignant" \
-                else "Benign"
-        images = client["Studies"].setdefault(plan.study_uid, {"Images": {}})["Images"]
-        images[plan.sop_uid] = {
-            "ViewPosition": plan.view, "ImageLaterality": plan.laterality,
-            "Manufacturer": plan.manufacturer,
-            "BreastImplantPresent": "YES" if plan.implant else "NO",
-            "SpecialProtocol": plan.special_protocol, "Marks": marks,
-            "File": plan.path.removeprefix("omi/")}
-    return clients
+        clients.setdefault(plan.group, []).append(plan)
+    texts = {}
+    for client, own in clients.items():
+        studies: dict[str, dict] = {}
+        mark_id = 1
+        for plan in own:
+            study = studies.setdefault(plan.study_uid, {"StudyDate": _omi_date(plan.patient).replace("-", ""),
+                                                        "EpisodeID": "1"})
+            marks = _omi_marks(info[plan.path]["findings"], mark_id)
+            mark_id += len(marks)
+            study[plan.series_uid] = {plan.sop_uid: marks}
+            suffix = ".dcm.json" if plan.index % 5 == 0 else ".json"
+            texts[f"omi/data/{client}/{plan.study_uid}/{plan.sop_uid}{suffix}"] = _omi_header(root / plan.path)
+        texts[f"omi/data/{client}/imagedb_{client}.json"] = json.dumps(
+            {"Site": OMI_SITE, "STUDIES": studies}, indent=1, sort_keys=True) + "\n"
+        texts[f"omi/data/{client}/nbss_{client}.json"] = json.dumps(
+            {"1": _omi_episode(own, info)}, indent=1, sort_keys=True) + "\n"
+    return texts
 
 
 def _load_manifest(path: Path) -> dict:
@@ -259,8 +318,7 @@ def write_synthetic_set(out_dir: str | os.PathLike, n: int, height: int = 256, w
         "vindr/finding_annotations.csv": _csv_text(VINDR_FINDING_COLUMNS, findings),
         "vindr/metadata.csv": _csv_text(VINDR_METADATA_COLUMNS, metadata),
     }
-    for client_id, record in _omi_clients([p for p in plans if p.layout == "omi"], info).items():
-        texts[f"omi/data/{client_id}/{client_id}.json"] = json.dumps(record, indent=2) + "\n"
+    texts |= _omi_texts([p for p in plans if p.layout == "omi"], info, root)
     for relative, text in texts.items():
         _atomic_write(root / relative, text.encode("utf-8"))
 

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from mame_lightning.data.records import ImageRecord
+from mame_lightning.data.records import ImageRecord, Rejection
 from mame_lightning.data.sources import CombinedSource, SourceError
 from mame_lightning.data.sources.omi import OmiSource
 from mame_lightning.data.sources.vindr import VinDrSource
@@ -25,6 +25,8 @@ from mame_lightning.data.sources.vindr import VinDrSource
 log = logging.getLogger(__name__)
 
 MARKER = "synthetic.json"
+# Version of the raw layouts written; part of the marker, so a set in an older layout is rewritten.
+RAW_LAYOUT = 2
 
 
 class SyntheticSource:
@@ -37,11 +39,11 @@ class SyntheticSource:
     def __init__(self, n: int = 1024, height: int = 256, width: int = 208, seed: int = 0,
                  options: dict | None = None, progress: bool = True):
         self.settings = {"n": int(n), "height": int(height), "width": int(width),
-                         "seed": int(seed), "options": dict(options or {})}
+                         "seed": int(seed), "options": dict(options or {}), "layout": RAW_LAYOUT}
         self.progress = bool(progress)
         self.parts = CombinedSource({"vindr": VinDrSource(), "omi": OmiSource()})
 
-    def records(self, raw_dir: str | Path) -> Iterator[ImageRecord]:
+    def records(self, raw_dir: str | Path) -> Iterator[ImageRecord | Rejection]:
         ensure_raw_set(Path(raw_dir), self.settings, self.progress)
         yield from self.parts.records(raw_dir)
 

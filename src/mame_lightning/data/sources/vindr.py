@@ -5,7 +5,8 @@
 (``['Mass', 'Suspicious Calcification']``) and its box in original pixel coordinates, or
 ``['No Finding']`` with empty coordinates. An image is healthy when its only finding is
 No Finding; otherwise it carries every box its rows give. The vendor is not in the CSVs: it is
-read from the DICOM Manufacturer tag during preparation.
+read from the DICOM Manufacturer tag during preparation. A finding row that cannot be parsed
+rejects its image (reported with the file and line) and the other images go on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from mame_lightning.data.records import Box, ImageRecord
+from mame_lightning.data.records import Box, ImageRecord, Rejection
 from mame_lightning.data.sources import SourceError, require_file
 
 BREAST_LEVEL_CSV = "breast-level_annotations.csv"
@@ -85,7 +86,7 @@ class VinDrSource:
         self.extension = extension
         self.splits = set(splits) if splits else None
 
-    def records(self, raw_dir: str | Path) -> Iterator[ImageRecord]:
+    def records(self, raw_dir: str | Path) -> Iterator[ImageRecord | Rejection]:
         raw_dir = Path(raw_dir)
         breast_path = require_file(raw_dir / BREAST_LEVEL_CSV, "VinDr breast-level annotations")
         finding_path = require_file(raw_dir / FINDING_CSV, "VinDr finding annotations")
@@ -96,15 +97,18 @@ class VinDrSource:
 
         by_image: dict[str, list[dict]] = {}
         for number, row in enumerate(findings, start=2):
-            row["_where"] = f"{finding_path} line {number}"
+            row["_where"] = f"{FINDING_CSV} line {number}"
             by_image.setdefault(row["image_id"], []).append(row)
 
         listed = {row["image_id"] for row in images}
         extra_rows = [rows[0] for image_id, rows in by_image.items() if image_id not in listed]
         for row in images + extra_rows:
-            record = self._record(row, by_image.get(row["image_id"], []))
-            if self.splits is None or record.split in self.splits:
-                yield record
+            if self.splits is not None and (row.get("split") or "").strip() not in self.splits:
+                continue
+            try:
+                yield self._record(row, by_image.get(row["image_id"], []))
+            except SourceError as err:
+                yield Rejection(FINDING_CSV, err.kind, str(err), row["image_id"])
 
     def _record(self, row: dict, finding_rows: list[dict]) -> ImageRecord:
         boxes: list[Box] = []
