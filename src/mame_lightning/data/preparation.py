@@ -25,13 +25,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from mame_lightning.data.prepare_item import prepare_item
+from mame_lightning.data.prepare_item import prepare_item, shown_path
 from mame_lightning.data.records import ImageRecord, Rejection
 from mame_lightning.data.report import TASKS, write_json, write_prepared_set
 
 log = logging.getLogger(__name__)
 
-PREPARATION_VERSION = 1  # bump when a change to the item pipeline must redo finished items
+PREPARATION_VERSION = 2  # bump when a change to the item pipeline must redo finished items
 ITEMS_DIR = ".items"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -66,6 +66,7 @@ def build_settings(dataset: DictConfig, preparation: DictConfig) -> dict:
         "check_orientation": bool(preparation.get("check_orientation", True)),
         "templates": {str(k): str(v) for k, v in plain(dataset.templates).items()},
         "filters": plain(dataset.get("filters")) or {},
+        "path_salt": str(preparation.get("path_salt") or ""),
     }
 
 
@@ -115,9 +116,11 @@ def run_item(job: tuple) -> dict:
     return outcome
 
 
-def _duplicate(record: ImageRecord, item_id: str) -> dict:
-    return {"id": item_id, "file": record.source, "status": "rejected", "task": None,
-            "kind": "duplicate id", "reason": f"id {item_id} already used by another file"}
+def _duplicate(record: ImageRecord, item_id: str, raw_dir: Path, settings: Mapping) -> dict:
+    shown, _ = shown_path(record, raw_dir, settings)
+    outcome = {"id": item_id, "file": shown, "status": "rejected", "task": None,
+               "kind": "duplicate id", "reason": f"id {item_id} already used by another file"}
+    return outcome if shown == record.source else {**outcome, "scrubbed": True}
 
 
 def plan_items(records: Iterable[ImageRecord | Rejection], raw_dir: Path, out_dir: Path,
@@ -131,7 +134,7 @@ def plan_items(records: Iterable[ImageRecord | Rejection], raw_dir: Path, out_di
             continue
         item_id = safe_id(record.image_id)
         if item_id in seen:
-            done.append(_duplicate(record, item_id))
+            done.append(_duplicate(record, item_id, raw_dir, settings))
             continue
         seen.add(item_id)
         item_fingerprint = fingerprint(record, raw_dir, settings)
@@ -239,7 +242,8 @@ def summary_text(report: Mapping, prepared_dir: str | Path) -> str:
         f"  filtered {len(report['filtered'])}{by_kind(counts['filtered'])}",
         f"  rejected {len(report['rejected'])}{by_kind(counts['rejected'])}",
         f"  orientation disagreements {counts['orientation_disagreements']}, "
-        f"lesions outside crop {counts['lesions_outside_crop']}",
+        f"lesions outside crop {counts['lesions_outside_crop']}, "
+        f"paths hidden for patient identity {counts.get('scrubbed_paths', 0)}",
         f"  output: {Path(str(prepared_dir)).expanduser().resolve()}",
     ])
 

@@ -17,6 +17,7 @@ import numpy as np
 from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, to_float_image, to_uint8
 from mame_lightning.data.filters import filter_reason, image_tags, merge_attributes, unlocalised_reason
 from mame_lightning.data.geometry import Geometry, apply_image, box_mask, map_box, plan
+from mame_lightning.data.identity import hidden_path, read_identity, redact, replace_strings, reveals_identity
 from mame_lightning.data.prompts import density_word, render_prompt
 from mame_lightning.data.records import Box, ImageRecord
 from mame_lightning.data.report import TASKS, write_png
@@ -136,7 +137,8 @@ def _missing(record: ImageRecord, settings: Mapping) -> dict:
     return _drop("rejected", "missing file", "listed in the metadata but missing on disk")
 
 
-def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str) -> dict:
+def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str,
+             shown: str) -> dict:
     path = raw_dir / record.source
     if not path.is_file():
         return _missing(record, settings)
@@ -144,6 +146,8 @@ def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mappin
     if unlocalised:
         return _drop("filtered", *unlocalised)
     ds = read_dicom(path)
+    if shown != record.source:
+        ds.filename = shown  # what any warning about this file will name
     attrs = merge_attributes(record, image_tags(ds))
     vendor = normalise_vendor(attrs["manufacturer"])
     dropped = filter_reason(attrs, vendor, settings["filters"])
@@ -175,14 +179,35 @@ def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mappin
     return {"status": "kept", "task": task, "kind": None, "reason": None, "line": line, **extra}
 
 
+def shown_path(record: ImageRecord, raw_dir: Path, settings: Mapping) -> tuple[str, tuple]:
+    """The path the outputs show for this record (a salted hash when it holds the file's own
+    patient identity, see data/identity.py) and that identity."""
+    identity = read_identity(raw_dir / record.source) if (raw_dir / record.source).is_file() else (set(), set())
+    if reveals_identity(record.source, identity):
+        return hidden_path(record.source, settings.get("path_salt", "")), identity
+    return record.source, identity
+
+
 def prepare_item(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str) -> dict:
-    """The outcome of one record; files of a kept image are written before returning."""
+    """The outcome of one record; files of a kept image are written before returning.
+
+    ``file`` is the path outputs show for the record; ``scrubbed`` says it replaces one that held
+    the patient's identity (every echo of the real path in the outcome is replaced too).
+    """
+    shown, identity = shown_path(record, raw_dir, settings)
     try:
-        return _prepare(record, raw_dir, out_dir, settings, item_id)
+        outcome = _prepare(record, raw_dir, out_dir, settings, item_id, shown)
     except DicomError as err:
-        return _drop("rejected", reject_kind(err.reason), err.reason)
+        outcome = _drop("rejected", reject_kind(err.reason), err.reason)
     except Exception as err:  # noqa: BLE001 - a broken file must not stop the whole run
-        return _drop("rejected", "processing error", f"{type(err).__name__}: {str(err)[:200]}")
+        outcome = _drop("rejected", "processing error", f"{type(err).__name__}: {str(err)[:200]}")
+    outcome = {"file": shown, **outcome}
+    if shown == record.source:
+        return outcome
+    outcome = replace_strings(outcome, [(str(raw_dir / record.source), shown), (record.source, shown)])
+    if outcome.get("reason"):
+        outcome["reason"] = redact(outcome["reason"], identity)
+    return {**outcome, "scrubbed": True}
 
 
 __all__ = ["TASKS", "orient", "prepare_item", "reject_kind"]

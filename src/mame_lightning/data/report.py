@@ -113,6 +113,8 @@ def build_report(outcomes: list[Mapping], config: Mapping, run: Mapping, elapsed
         "rejected": dict(sorted(Counter(e["kind"] for e in rejected).items())),
         "orientation_disagreements": len(disagreements),
         "lesions_outside_crop": len(outside),
+        # paths shown as hidden/<hash> because they held the file's own patient identity
+        "scrubbed_paths": sum(bool(o.get("scrubbed")) for o in outcomes),
     }
     return {
         "kept": len(kept),
