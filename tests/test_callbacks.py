@@ -68,6 +68,19 @@ def test_sample_grid_is_seeded_and_uses_the_ema_weights(model_cache):
     assert m.unet.training
 
 
+def test_sample_grid_uses_the_negative_prompt_and_the_named_scheduler(model_cache, monkeypatch):
+    m = Text2ImageModule(tiny(model_cache), adamw())
+    plain = grid_callback(seeds=[0]).render(m)
+    assert not np.array_equal(plain, grid_callback(seeds=[0], negative_prompt="white background").render(m))
+    used = []
+    original = m.components.pipeline
+    monkeypatch.setattr(m.components, "pipeline", lambda scheduler=None: used.append(scheduler) or original(scheduler))
+    ddim = grid_callback(seeds=[0], scheduler="ddim").render(m)
+    assert type(used[-1]).__name__ == "DDIMScheduler" and not np.array_equal(plain, ddim)
+    with pytest.raises(ValueError, match="scheduler 'fancy'"):
+        grid_callback(scheduler="fancy")
+
+
 def test_inpaint_grid_uses_a_validation_image_and_mask(model_cache, tmp_path):
     m = InpaintModule(tiny(model_cache, inpaint=True), adamw())
     items = toy_items(m.components, inpaint=True)

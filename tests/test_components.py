@@ -195,7 +195,7 @@ def test_unknown_hub_id_offline_gives_a_clear_error():
     with pytest.raises(ModelLoadError) as info:
         load_components("mame-nobody/no-such-model", local_files_only=True)
     message = str(info.value)
-    assert "mame-nobody/no-such-model" in message and "model.path=" in message
+    assert "mame-nobody/no-such-model" in message and "model.pretrained=" in message
 
 
 def test_missing_folder_and_missing_tokenizer_are_refused(tmp_path, tiny):

@@ -31,6 +31,29 @@ def save_resolved_config(cfg: DictConfig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+CPU_OVERRIDE = "trainer.accelerator=cpu precision=32-true"
+
+
+class HardwareError(RuntimeError):
+    """The run asks for hardware this machine does not have; the message names the override."""
+
+
+def check_hardware(cfg: DictConfig, cuda_available: bool | None = None) -> None:
+    """Fail before anything is loaded when the trainer asks for a GPU that is not there, or for
+    fp16 mixed precision on the CPU (which Lightning refuses deep inside the Trainer)."""
+    has_gpu = torch.cuda.is_available() if cuda_available is None else cuda_available
+    accelerator = str(cfg.trainer.get("accelerator") or "auto").lower()
+    precision = str(cfg.trainer.get("precision") or "")
+    dataset = cfg.dataset.get("name")
+    if accelerator in ("gpu", "cuda") and not has_gpu:
+        raise HardwareError(f"trainer.accelerator={accelerator} (the recipe of dataset={dataset} task={cfg.task.name}) "
+                            f"needs a CUDA GPU and this machine has none; to train on the CPU instead "
+                            f"(slowly) add: {CPU_OVERRIDE}")
+    if precision.startswith("16") and (accelerator == "cpu" or (accelerator == "auto" and not has_gpu)):
+        raise HardwareError(f"precision={precision} (fp16 mixed precision) needs a CUDA GPU; on the CPU add: "
+                            f"{CPU_OVERRIDE} (or precision=bf16-mixed)")
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     """The run folder: Hydra's output dir (hydra.run.dir), also the trainer's default_root_dir."""
     return Path(cfg.trainer.default_root_dir)
@@ -113,6 +136,7 @@ def _final_metric(trainer: L.Trainer, key: str) -> float | None:
 
 def train(cfg: DictConfig) -> dict:
     """Fit one run described by `cfg`; returns the result record also written to result.json."""
+    check_hardware(cfg)
     started = time.time()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

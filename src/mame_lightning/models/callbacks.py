@@ -21,6 +21,7 @@ from PIL import Image
 
 from mame_lightning.models.ema import ema_weights
 from mame_lightning.models.export import export_pipeline
+from mame_lightning.models.schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def first_item(trainer: L.Trainer) -> Mapping | None:
 
 # -- sample grid ------------------------------------------------------------------------------
 class SampleGrid(L.Callback):
-    """Fixed prompts x fixed seeds, sampled with DPM-Solver++ and classifier-free guidance.
+    """Fixed prompts x fixed seeds, sampled with classifier-free guidance (DPM-Solver++ unless
+    ``scheduler`` names another, see models/schedulers.py), with ``negative_prompt`` when set.
 
     Rows are prompts, columns seeds; every image of a column starts from the same noise, so rows
     differ by the prompt only. Logged to TensorBoard as `samples` and saved as
@@ -104,7 +106,7 @@ class SampleGrid(L.Callback):
 
     def __init__(self, prompts: Sequence[str], seeds: Sequence[int], every_n_steps: int = 100,
                  guidance_scale: float = 4.0, num_inference_steps: int = 24, at_start: bool = True,
-                 at_end: bool = True, negative_prompt: str | None = None,
+                 at_end: bool = True, negative_prompt: str | None = None, scheduler: str | None = None,
                  inpaint_image: str | None = None, inpaint_mask: str | None = None):
         if not prompts or not seeds:
             raise ValueError("SampleGrid needs at least one prompt and one seed")
@@ -114,7 +116,10 @@ class SampleGrid(L.Callback):
         self.guidance_scale = float(guidance_scale)
         self.num_inference_steps = int(num_inference_steps)
         self.at_start, self.at_end = at_start, at_end
-        self.negative_prompt = negative_prompt
+        self.negative_prompt = negative_prompt or None
+        self.scheduler = scheduler
+        if scheduler is not None and str(scheduler).lower() not in SCHEDULERS:
+            raise ValueError(f"SampleGrid scheduler {scheduler!r}: choose from {', '.join(SCHEDULERS)}")
         self.inpaint_paths = (inpaint_image, inpaint_mask)
         self._reference: tuple[Image.Image, Image.Image] | None = None
         self._last_step: int | None = None
@@ -153,7 +158,8 @@ class SampleGrid(L.Callback):
         try:
             with torch.no_grad(), ema_weights(getattr(pl_module, "ema", None), components.unet), \
                     mixed_dtype_autocast(parts, pl_module.device):
-                pipeline = components.pipeline()
+                scheduler = make_scheduler(self.scheduler, components.noise_scheduler.config) if self.scheduler else None
+                pipeline = components.pipeline(scheduler)
                 pipeline.set_progress_bar_config(disable=True)
                 columns = [self.sample_seed(pipeline, seed, components, pl_module, trainer) for seed in self.seeds]
         finally:

@@ -130,12 +130,12 @@ def _load_error(path: str, subfolder: str, variant: str | None, err: Exception) 
         if variant:
             hint += f" with {variant!r} variant weights (or set model.variant=null)"
     elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
-        hint = f"there is no folder {path}: set model.path= to a diffusers pipeline folder"
+        hint = f"there is no folder {path}: set model.pretrained= to a diffusers pipeline folder"
     else:
         hint = (
             f"{path!r} is not a local folder and the hub id could not be fetched (offline, or not cached). "
             f"Download it where there is network (huggingface-cli download {path} --local-dir DIR) and set "
-            "model.path=DIR, or train the tiny model with model=tiny"
+            "model.pretrained=DIR, or train the tiny model with model=tiny"
         )
     return ModelLoadError(f"Could not load {where}: {hint}. Cause: {type(err).__name__}: {err}")
 
@@ -188,8 +188,9 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditi
 
 
 def load_components(
-    path: str,
+    path: str | None = None,
     *,
+    pretrained: str | None = None,
     variant: str | None = None,
     revision: str | None = None,
     frozen_dtype: str | None = None,
@@ -204,8 +205,11 @@ def load_components(
     master weights make mixed-precision training fail ("Attempting to unscale FP16 gradients").
     Frozen parts are cast to `frozen_dtype` (float32 when None) and have gradients off.
     `vae_path` swaps in another AutoencoderKL folder (e.g. one fine-tuned with task=autoencoder).
+    `pretrained` is the config's name for `path` (a hub id or a diffusers folder); `path` wins.
     """
-    path = str(path)
+    if not (path or pretrained):
+        raise ValueError("load_components needs a hub id or folder (model.pretrained=...)")
+    path = str(path or pretrained)
     common = {"variant": variant, "revision": revision, "local_files_only": local_files_only}
     scheduler = _from_pretrained(DDPMScheduler, path, "scheduler", revision=revision, local_files_only=local_files_only)
     if scheduler.config.get("variance_type") is None:  # a DPM-Solver config leaves it empty

@@ -17,24 +17,13 @@ from typing import Any
 
 import torch
 
+from mame_lightning.models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "mame_lightning.json"
 TASKS = ("text2image", "inpaint")
 INPAINT_IN_CHANNELS = 9
-DEFAULT_SCHEDULER = "dpmsolver++"
-
-# name -> (diffusers scheduler class name, extra from_config arguments)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -108,17 +97,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(sorted(DTYPES))}")
     return DTYPES[key]
-
-
-def make_scheduler(name: str, config: dict):
-    """A scheduler of the named kind built from the pipeline's own scheduler config."""
-    import diffusers
-
-    key = str(name).lower()
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    class_name, extra = SCHEDULERS[key]
-    return getattr(diffusers, class_name).from_config(config, **extra)
 
 
 def read_metadata(folder: str | Path) -> dict:
