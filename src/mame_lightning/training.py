@@ -19,6 +19,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mame_lightning.models.loggers import finish as finish_loggers
+from mame_lightning.models.loggers import log_hyperparams
+
 log = logging.getLogger(__name__)
 
 # The fully resolved config of a run, readable without Hydra's runtime (export, generation).
@@ -76,9 +79,22 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
+def build_loggers(cfg: DictConfig) -> list:
+    """One logger per entry of `logger` (conf/logger: tensorboard, wandb, mlflow, many; ~logger for none).
+
+    A `logger` node that is itself a `_target_` (a config written for one logger) still works.
+    """
+    node = cfg.get("logger")
+    if not node:
+        return []
+    if "_target_" in node:
+        return [instantiate(node)]
+    return [instantiate(entry) for entry in node.values() if entry is not None]
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    loggers = build_loggers(cfg)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def build_module(cfg: DictConfig, components):
@@ -125,10 +141,13 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, components)
     datamodule = build_datamodule(cfg, components)
     trainer = build_trainer(cfg, build_callbacks(cfg))
-    if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
-        trainer.logger.log_hyperparams(_flat_hparams(cfg))
-
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    log_hyperparams(trainer.loggers, _flat_hparams(cfg))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    except BaseException:
+        finish_loggers(trainer.loggers, failed=True)
+        raise
+    finish_loggers(trainer.loggers)
 
     result = {
         "run_dir": str(run_dir),
@@ -177,7 +196,7 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
 
 
 def _flat_hparams(cfg: DictConfig) -> dict:
-    """A flat view of the interesting choices for TensorBoard's hparams tab."""
+    """A flat view of the interesting choices (TensorBoard's hparams tab, W&B config, MLflow params)."""
     keys = {
         "dataset": cfg.dataset.get("name"),
         "task": cfg.task.name,
