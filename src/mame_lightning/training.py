@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mame_lightning.models.hub import check_push, push_folder
 from mame_lightning.models.loggers import finish as finish_loggers
 from mame_lightning.models.loggers import log_hyperparams
 
@@ -130,6 +131,7 @@ def _final_metric(trainer: L.Trainer, key: str) -> float | None:
 def train(cfg: DictConfig) -> dict:
     """Fit one run described by `cfg`; returns the result record also written to result.json."""
     started = time.time()
+    hub_token = check_hub(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run_dir / RESOLVED_CONFIG)
@@ -162,12 +164,33 @@ def train(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
-            result["export_dir"] = str(export_run(cfg, module, datamodule, run_dir / "export"))
+            folder = export_run(cfg, module, datamodule, run_dir / "export", metrics=card_metrics(trainer))
+            result["export_dir"] = str(folder)
+            if hub_token:
+                result["hub_url"] = push_folder(folder, cfg.export.push_to_hub, private=bool(cfg.export.get("private",
+                                                True)), token=hub_token)
         _write_json(run_dir / "result.json", result)
     return result
 
 
-def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
+def check_hub(cfg: DictConfig) -> str | None:
+    """The Hub token when `export.push_to_hub` is set; fails now rather than after training."""
+    export = cfg.get("export")
+    if not isinstance(export, DictConfig) or not export.get("push_to_hub"):
+        return None
+    return check_push(str(export.push_to_hub))
+
+
+def card_metrics(trainer: L.Trainer) -> dict:
+    """The final training and validation scalars (not throughput or learning rate) for the model card."""
+    metrics = {"global_step": int(trainer.global_step)}
+    for key, value in sorted(trainer.callback_metrics.items()):
+        if key.startswith(("train/", "val/")) and key != "train/lr":
+            metrics[key] = float(value)
+    return metrics
+
+
+def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict | None = None) -> Path:
     """Write the diffusers folder with the attributes and counts of the data the model saw."""
     from mame_lightning.models.export import export_pipeline
 
@@ -181,6 +204,8 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
     templates = OmegaConf.to_container(cfg.dataset.get("templates") or {}, resolve=True)
     attributes = datamodule.attributes() if hasattr(datamodule, "attributes") else {}
     counts = datamodule.counts() if hasattr(datamodule, "counts") else {}
+    if hasattr(datamodule, "attribute_counts"):
+        counts["by_attribute"] = datamodule.attribute_counts()
     return Path(
         export_pipeline(
             module,
@@ -191,8 +216,18 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
             train_config=OmegaConf.to_container(cfg, resolve=True),
             data_counts=counts,
             prepare_size=int(cfg.dataset.get("size") or 0),
+            metrics=metrics,
+            card=card_options(cfg),
         )
     )
+
+
+def card_options(cfg: DictConfig) -> dict:
+    """`export.license` / `export.base_model` for the model card (absent keys: derived from the run)."""
+    export = cfg.get("export")
+    if not isinstance(export, DictConfig):
+        return {}
+    return {key: export.get(key) for key in ("license", "base_model") if export.get(key)}
 
 
 def _flat_hparams(cfg: DictConfig) -> dict:
