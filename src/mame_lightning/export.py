@@ -92,7 +92,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, config: s
     )
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+# An absolute folder: found the same way from `python -m`, a console command or an in-process call.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     if not cfg.get("ckpt"):
         raise SystemExit("usage: python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR] [config=FILE]")
