@@ -51,6 +51,7 @@ def test_tensorboard_and_wandb_at_once_each_get_loss_and_samples(root, prepared,
     rows = wandb_rows(run_dir)
     losses = [row["train/loss"] for row in rows if "train/loss" in row]
     assert len(losses) == 2 and losses[-1] == pytest.approx(result["train_loss"], rel=1e-5)
+    assert [row["val/loss"] for row in rows if "val/loss" in row] == [pytest.approx(result["val_loss"], rel=1e-5)]
     images = [row for row in rows if "samples/_type" in row]
     assert len(images) == 1 and images[0]["trainer/global_step"] == 2, images
     media = wandb_offline_runs(run_dir)[0].parent / "files"
@@ -74,6 +75,7 @@ def test_every_logger_from_logger_many_and_one_wandb_run_per_training(root, prep
     assert set(by_loss) == {round(r["train_loss"], 5) for r in results}
     run = next(iter(by_loss.values()))
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+    assert {"val/loss", "train/grad_norm", "perf/images_per_s"} <= set(run.data.metrics)  # every scalar reaches it
     assert run.data.params["task"] == "text2image" and run.data.params["max_steps"] == "2"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any(path.startswith("images/samples") and path.endswith(".png") for path in artifacts), artifacts
