@@ -11,21 +11,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mame_lightning.training import train
 from tracker_readers import mlflow_runs, wandb_history, wandb_offline_runs
-from train_helpers import compose_train, prepare_small_synthetic
+from train_helpers import compose_train, small_prepared  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 TWO_STEPS = ["trainer.max_steps=2", "export=false", "callbacks.checkpoint=null",
              "callbacks.sample_grid.every_n_steps=0", "callbacks.sample_grid.at_start=false"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("logger_root")
-
-
-@pytest.fixture(scope="module")
-def prepared(root):
-    return prepare_small_synthetic(root)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +33,8 @@ def wandb_rows(run_dir):
     return wandb_history(runs[0])
 
 
-def test_tensorboard_and_wandb_at_once_each_get_loss_and_samples(root, prepared, tmp_path):
+def test_tensorboard_and_wandb_at_once_each_get_loss_and_samples(small_prepared, tmp_path):
+    root, prepared = small_prepared
     run_dir = tmp_path / "run"
     result = train(compose_train(run_dir, root, prepared, ["logger=[tensorboard,wandb]", *TWO_STEPS]))
     assert result["global_step"] == 2
@@ -63,7 +54,8 @@ def test_tensorboard_and_wandb_at_once_each_get_loss_and_samples(root, prepared,
     assert events.Tags()["images"] == ["samples"]
 
 
-def test_every_logger_from_logger_many_and_one_wandb_run_per_training(root, prepared, tmp_path):
+def test_every_logger_from_logger_many_and_one_wandb_run_per_training(small_prepared, tmp_path):
+    root, prepared = small_prepared
     store = tmp_path / "mlruns"
     overrides = ["logger=many", f"logger.mlflow.tracking_uri=file:{store}", "logger.mlflow.experiment_name=exp",
                  *TWO_STEPS]

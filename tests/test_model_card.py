@@ -16,7 +16,7 @@ from mame_lightning.models.model_card import (
     model_card_text,
 )
 from mame_lightning.training import train
-from train_helpers import compose_train, prepare_small_synthetic
+from train_helpers import compose_train, small_prepared  # noqa: F401 - fixture
 
 SD15 = {"_target_": "mame_lightning.models.components.load_components", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 TINY = {"_target_": "mame_lightning.models.components.tiny_components"}
@@ -93,14 +93,8 @@ def test_push_settings_are_checked_before_anything_runs(no_token, monkeypatch):
     assert check_push("me/model", environ={}) == "hf_test"
 
 
-@pytest.fixture(scope="module")
-def prepared_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("card_root")
-    return root, prepare_small_synthetic(root)
-
-
-def test_training_without_a_token_fails_at_once(no_token, prepared_root, tmp_path, monkeypatch):
-    root, prepared = prepared_root
+def test_training_without_a_token_fails_at_once(no_token, small_prepared, tmp_path, monkeypatch):
+    root, prepared = small_prepared
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     cfg = compose_train(tmp_path / "run", root, prepared, ["export.push_to_hub=me/mammo"])
     with pytest.raises(HubError, match="export.push_to_hub='me/mammo': no Hugging Face token"):
@@ -109,8 +103,8 @@ def test_training_without_a_token_fails_at_once(no_token, prepared_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_training_exports_a_card_and_hands_the_folder_to_the_hub(no_token, prepared_root, tmp_path, monkeypatch):
-    root, prepared = prepared_root
+def test_a_training_exports_a_card_and_hands_the_folder_to_the_hub(no_token, small_prepared, tmp_path, monkeypatch):
+    root, prepared = small_prepared
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     calls = {}

@@ -115,14 +115,19 @@ def make_mammogram_dataset(
     ds.RescaleIntercept = float(rescale[1])
     ds.RescaleType = "US"
     _voi_module(ds, window, voi_function, voi_lut)
+    apply_extra(ds, extra)
+    ds.file_meta = _file_meta(ds)
+    return ds
+
+
+def apply_extra(ds: Dataset, extra: dict[str, Any] | None) -> None:
+    """Set each keyword of `extra` on `ds`; a None value removes the element."""
     for keyword, value in (extra or {}).items():
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    ds.file_meta = _file_meta(ds)
-    return ds
 
 
 def save_dataset(ds: Dataset, path: str | os.PathLike, transfer_syntax: str = "explicit") -> None:
@@ -289,4 +294,4 @@ def _file_meta(ds: Dataset) -> FileMetaDataset:
     return meta
 
 
-__all__ = ["make_mammogram_dataset", "save_dataset", "VIEW_CODES", "TRANSFER_SYNTAXES"]
+__all__ = ["apply_extra", "make_mammogram_dataset", "save_dataset", "VIEW_CODES", "TRANSFER_SYNTAXES"]

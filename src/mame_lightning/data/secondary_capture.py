@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mame_lightning.data.dicom_writer import VIEW_CODES
+from mame_lightning.data.dicom_writer import VIEW_CODES, apply_extra
 
 CONVERSION_TYPE = "SYN"  # SC Equipment: Synthetic Image
 BREAST_CODE = ("76752008", "SCT", "Breast")
@@ -115,12 +115,7 @@ def secondary_capture_dataset(
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 128, 256, "LINEAR"  # identity for 8 bits
-    for keyword, value in (extra or {}).items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
+    apply_extra(ds, dict(extra or {}))
     return ds
 
 
