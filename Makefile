@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo app chromium bench bench-prepare clean
+.PHONY: setup test test-fast demo app chromium dicom3tools bench bench-prepare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,11 @@ setup: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: browser tests will skip"
 
-test: $(STAMP) chromium
+# The DICOM standard's IOD validator (dciodvfy) judges the DICOM we write; without it those tests skip.
+dicom3tools:
+	@command -v dciodvfy >/dev/null || (apt-get update -qq && apt-get install -y -qq dicom3tools) || echo "dicom3tools unavailable: DICOM validator tests will skip"
+
+test: $(STAMP) chromium dicom3tools
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -24,6 +24,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from mame_lightning.app import handlers as h  # noqa: E402
 from mame_lightning.app.server import auth_from, load_config, load_models  # noqa: E402
+from mame_lightning.data.dicom import tag_metadata  # noqa: E402
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, repaint_region, text2image  # noqa: E402
 from mame_lightning.pipelines.inputs import inpaint_mask, load_input_image  # noqa: E402
 from mame_lightning.pipelines.marking import read_png_text  # noqa: E402
@@ -174,8 +175,8 @@ def test_dicom_download_has_no_patient_identity(client):
     dcm = [f for f in downloads if f.endswith(".dcm")]
     assert len(dcm) == 1
     ds = pydicom.dcmread(dcm[0])
-    assert str(ds.PatientName) == "SYNTHETIC" and ds.PatientID == "SYNTHETIC" and not ds.PatientBirthDate
-    assert "Synthetic image" in ds.ImageComments and ds.ViewPosition == "MLO"
+    assert str(ds.PatientName) == "SYNTHETIC^IMAGE" and ds.PatientID == "SYNTHETIC" and not ds.PatientBirthDate
+    assert "Synthetic image" in ds.ImageComments and tag_metadata(ds)["view"] == "MLO"
 
 
 # ---------------------------------------------------------------------------------------- inpaint
@@ -203,7 +204,7 @@ def test_dicom_upload_goes_through_the_dicom_path_and_box_maps_to_it(client, fil
     assert np.array_equal(gray(shown["background"]), prepared.image) and "flipped" in info
     _, _, downloads, _ = inpaint_call(client, upload=files / "case.dcm", box="30,30,60,60", dicom=True)
     assert np.array_equal(gray(downloads[1]), inpaint_mask(prepared, box="30,30,60,60"))
-    assert pydicom.dcmread([f for f in downloads if f.endswith(".dcm")][0]).ViewPosition == "CC"
+    assert tag_metadata(pydicom.dcmread([f for f in downloads if f.endswith(".dcm")][0]))["view"] == "CC"
 
 
 def test_example_and_generated_images_feed_the_inpaint_tab(client, files):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -47,6 +48,13 @@ def prepare_small_synthetic(root: Path) -> Path:
                                             "preparation.num_workers=0", "preparation.progress=false"])
     prepare_from_config(cfg, echo=False)
     return Path(cfg.dataset.prepared_dir)
+
+
+@pytest.fixture(scope="module")
+def small_prepared(tmp_path_factory) -> tuple[Path, Path]:
+    """(paths.root, prepared_dir) of the small set, made once per test module."""
+    root = tmp_path_factory.mktemp("train_root")
+    return root, prepare_small_synthetic(root)
 
 
 def compose_train(run_dir: Path, root: Path, prepared: Path, overrides: list[str] = (),

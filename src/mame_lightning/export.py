@@ -1,18 +1,22 @@
 """Export a training checkpoint to a standard diffusers folder.
 
-`python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR]` rebuilds the run's
-model from `RUN/resolved_config.yaml`, loads the checkpoint weights (EMA weights when the run kept
-them) and writes the pipeline folder plus `mame_lightning.json` (default `RUN/export`).
+`python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR] [push_to_hub=OWNER/NAME]`
+rebuilds the run's model from `RUN/resolved_config.yaml`, loads the checkpoint weights (EMA weights
+when the run kept them) and writes the pipeline folder plus `mame_lightning.json` and the model card
+README.md (default `RUN/export`); `push_to_hub` uploads it (token: HF_TOKEN).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from mame_lightning.models.hub import check_push, push_folder
 
 
 def find_run_config(ckpt: Path) -> Path:
@@ -26,24 +30,50 @@ def find_run_config(ckpt: Path) -> Path:
 
 
 def _prepared_attributes(cfg: DictConfig) -> tuple[dict, dict]:
-    """Attribute values and counts of the prepared set the run trained on (attributes.json)."""
-    path = Path(cfg.dataset.prepared_dir) / "attributes.json"
+    """Attribute values (attributes.json) and images per value (metadata.jsonl) of the prepared
+    set the run trained on, for the task's own part of it."""
+    from mame_lightning.data.datamodule import ATTRIBUTE_COLUMNS
+
+    root = Path(cfg.dataset.prepared_dir)
+    data_task = cfg.task.get("data_task") or cfg.task.name
+    path = root / "attributes.json"
     if not path.is_file():
         return {}, {}
     data = json.loads(path.read_text())
-    task_attrs = data.get(cfg.task.name, data)
-    attrs = {k: task_attrs[k] for k in ("views", "densities", "areas", "vendors") if k in task_attrs}
-    return attrs, data.get("counts", {})
+    task_attrs = (data.get("tasks") or {}).get(data_task) or data
+    attrs = {k: task_attrs[k] for k in ATTRIBUTE_COLUMNS if k in task_attrs}
+    counts: dict = {"prepared": task_attrs.get("count")} if task_attrs.get("count") is not None else {}
+    lines = root / data_task / "metadata.jsonl"
+    if lines.is_file():
+        records = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
+        counts["by_attribute"] = {
+            name: dict(sorted(Counter(str(r[col]) for r in records if r.get(col) is not None).items()))
+            for name, col in ATTRIBUTE_COLUMNS.items()}
+        counts["by_attribute_scope"] = "prepared"
+    return attrs, counts
+
+
+def _run_metrics(run_config: Path, global_step: int) -> dict | None:
+    """The run's final losses (result.json) when the checkpoint is the run's last step."""
+    path = run_config.parent / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("global_step") != global_step:
+        return {"global_step": global_step}
+    metrics = {"global_step": global_step, "train/loss": result.get("train_loss"), "val/loss": result.get("val_loss")}
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, config: str | Path | None = None) -> Path:
     from mame_lightning.models.export import export_pipeline
-    from mame_lightning.training import build_components, build_module
+    from mame_lightning.training import build_components, build_module, card_options
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    cfg = OmegaConf.load(config or find_run_config(ckpt))
+    config = Path(config) if config else find_run_config(ckpt)
+    cfg = OmegaConf.load(config)
     module = build_module(cfg, build_components(cfg))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
@@ -57,16 +87,24 @@ def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, config: s
             module, out, task=cfg.task.name, templates=templates, attributes=attrs,
             train_config=OmegaConf.to_container(cfg, resolve=True), data_counts=counts,
             prepare_size=int(cfg.dataset.get("size") or 0),
+            metrics=_run_metrics(config, int(state.get("global_step", -1))), card=card_options(cfg),
         )
     )
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+# An absolute folder: found the same way from `python -m`, a console command or an in-process call.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     if not cfg.get("ckpt"):
         raise SystemExit("usage: python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR] [config=FILE]")
+    token = check_push(cfg.push_to_hub) if cfg.get("push_to_hub") else None
     folder = export_checkpoint(cfg.ckpt, cfg.get("out"), cfg.get("config"))
     print(f"exported diffusers pipeline to {folder}")
+    if token:
+        print(f"uploaded to {push_folder(folder, cfg.push_to_hub, private=bool(cfg.private), token=token)}")
 
 
 if __name__ == "__main__":

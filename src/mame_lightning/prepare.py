@@ -7,13 +7,19 @@ resumes an interrupted run and leaves a finished one as it is.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from mame_lightning.data.preparation import prepare_from_config
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
+# An absolute folder: found the same way from `python -m`, a console command or an in-process call.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
     # Hydra's logging already shows the summary on the console and keeps it in the run's log.
     prepare_from_config(cfg, echo=False)

@@ -6,6 +6,8 @@ layouts, read back through the same source adapters real data goes through.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
@@ -50,7 +52,11 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="synth")
+# An absolute folder: found the same way from `python -m`, a console command or an in-process call.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -10,11 +10,17 @@ config folder with `--config-dir DIR`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+# An absolute folder: found the same way from `python -m`, a console command or an in-process call.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from mame_lightning.training import HardwareError, train
 

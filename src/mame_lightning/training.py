@@ -19,6 +19,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mame_lightning.models.hub import check_push, push_folder
+from mame_lightning.models.loggers import finish as finish_loggers
+from mame_lightning.models.loggers import log_hyperparams
+
 log = logging.getLogger(__name__)
 
 # The fully resolved config of a run, readable without Hydra's runtime (export, generation).
@@ -99,9 +103,22 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
+def build_loggers(cfg: DictConfig) -> list:
+    """One logger per entry of `logger` (conf/logger: tensorboard, wandb, mlflow, many; ~logger for none).
+
+    A `logger` node that is itself a `_target_` (a config written for one logger) still works.
+    """
+    node = cfg.get("logger")
+    if not node:
+        return []
+    if "_target_" in node:
+        return [instantiate(node)]
+    return [instantiate(entry) for entry in node.values() if entry is not None]
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    loggers = build_loggers(cfg)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def build_module(cfg: DictConfig, components):
@@ -138,6 +155,7 @@ def train(cfg: DictConfig) -> dict:
     """Fit one run described by `cfg`; returns the result record also written to result.json."""
     check_hardware(cfg)
     started = time.time()
+    hub_token = check_hub(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run_dir / RESOLVED_CONFIG)
@@ -149,10 +167,13 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, components)
     datamodule = build_datamodule(cfg, components)
     trainer = build_trainer(cfg, build_callbacks(cfg))
-    if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
-        trainer.logger.log_hyperparams(_flat_hparams(cfg))
-
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    log_hyperparams(trainer.loggers, _flat_hparams(cfg))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    except BaseException:
+        finish_loggers(trainer.loggers, failed=True)
+        raise
+    finish_loggers(trainer.loggers)
 
     result = {
         "run_dir": str(run_dir),
@@ -167,12 +188,33 @@ def train(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
-            result["export_dir"] = str(export_run(cfg, module, datamodule, run_dir / "export"))
+            folder = export_run(cfg, module, datamodule, run_dir / "export", metrics=card_metrics(trainer))
+            result["export_dir"] = str(folder)
+            if hub_token:
+                result["hub_url"] = push_folder(folder, cfg.export.push_to_hub, private=bool(cfg.export.get("private",
+                                                True)), token=hub_token)
         _write_json(run_dir / "result.json", result)
     return result
 
 
-def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
+def check_hub(cfg: DictConfig) -> str | None:
+    """The Hub token when `export.push_to_hub` is set; fails now rather than after training."""
+    export = cfg.get("export")
+    if not isinstance(export, DictConfig) or not export.get("push_to_hub"):
+        return None
+    return check_push(str(export.push_to_hub))
+
+
+def card_metrics(trainer: L.Trainer) -> dict:
+    """The final training and validation scalars (not throughput or learning rate) for the model card."""
+    metrics = {"global_step": int(trainer.global_step)}
+    for key, value in sorted(trainer.callback_metrics.items()):
+        if key.startswith(("train/", "val/")) and key != "train/lr":
+            metrics[key] = float(value)
+    return metrics
+
+
+def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict | None = None) -> Path:
     """Write the diffusers folder with the attributes and counts of the data the model saw."""
     from mame_lightning.models.export import export_pipeline
 
@@ -186,6 +228,8 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
     templates = OmegaConf.to_container(cfg.dataset.get("templates") or {}, resolve=True)
     attributes = datamodule.attributes() if hasattr(datamodule, "attributes") else {}
     counts = datamodule.counts() if hasattr(datamodule, "counts") else {}
+    if hasattr(datamodule, "attribute_counts"):
+        counts["by_attribute"] = datamodule.attribute_counts()
     return Path(
         export_pipeline(
             module,
@@ -196,12 +240,22 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:
             train_config=OmegaConf.to_container(cfg, resolve=True),
             data_counts=counts,
             prepare_size=int(cfg.dataset.get("size") or 0),
+            metrics=metrics,
+            card=card_options(cfg),
         )
     )
 
 
+def card_options(cfg: DictConfig) -> dict:
+    """`export.license` / `export.base_model` for the model card (absent keys: derived from the run)."""
+    export = cfg.get("export")
+    if not isinstance(export, DictConfig):
+        return {}
+    return {key: export.get(key) for key in ("license", "base_model") if export.get(key)}
+
+
 def _flat_hparams(cfg: DictConfig) -> dict:
-    """A flat view of the interesting choices for TensorBoard's hparams tab."""
+    """A flat view of the interesting choices (TensorBoard's hparams tab, W&B config, MLflow params)."""
     keys = {
         "dataset": cfg.dataset.get("name"),
         "task": cfg.task.name,

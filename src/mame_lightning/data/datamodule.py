@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -390,3 +391,12 @@ class PreparedDataModule(lightning.LightningDataModule):
     def counts(self) -> dict[str, int]:
         self._require_setup()
         return {"train": len(self.train_dataset), "val": len(self.val_dataset)}
+
+    def attribute_counts(self) -> dict[str, dict[str, int]]:
+        """Training images per attribute value (the model card's recipe)."""
+        self._require_setup()
+        records = self.train_dataset.records
+        return {
+            name: dict(sorted(Counter(str(r[column]) for r in records if r.get(column) is not None).items()))
+            for name, column in ATTRIBUTE_COLUMNS.items()
+        }

@@ -1,8 +1,12 @@
-"""Build and save small, standard-conforming mammography DICOM files.
+"""Build and save small mammography DICOM files (Digital Mammography X-Ray Image IOD).
 
 Used by the synthetic raw-set generator and by tests to produce every pixel-path variant the
 reader must handle (MONOCHROME1, 12-bit, VOI windows and LUTs, rescale, compressed syntaxes)
-from one display-sense image.
+from one display-sense image. With the defaults (a window given, ViewPosition and
+ImageLaterality written) the object passes the standard's IOD validator (dciodvfy) without errors.
+The variants a reader must survive in real archives leave it on purpose: no VOI window on a
+FOR PRESENTATION image (`window=None`), the view only as a legacy SRT code (`use_view_code_sequence`),
+laterality only at series level (`use_series_laterality`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pydicom.uid import (
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 
+BREAST_REGION = ("76752008", "SCT", "Breast")  # CID 4031 anatomic region of every mammogram
 # CID 4014 "View for Mammography": view -> (legacy SRT code, SNOMED CT code, code meaning).
 VIEW_CODES: dict[str, tuple[str, str, str]] = {
     "ML": ("R-10224", "399260004", "medio-lateral"),
@@ -102,6 +107,7 @@ def make_mammogram_dataset(
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     _positioning(ds, view, laterality, use_view_code_sequence, use_series_laterality)
+    _mammography_modules(ds, view, laterality, photometric)
     ds.PixelSpacing = [float(v) for v in pixel_spacing]
     ds.ImagerPixelSpacing = [float(v) for v in pixel_spacing]
     _pixel_module(ds, stored, photometric, bits_stored)
@@ -109,14 +115,19 @@ def make_mammogram_dataset(
     ds.RescaleIntercept = float(rescale[1])
     ds.RescaleType = "US"
     _voi_module(ds, window, voi_function, voi_lut)
+    apply_extra(ds, extra)
+    ds.file_meta = _file_meta(ds)
+    return ds
+
+
+def apply_extra(ds: Dataset, extra: dict[str, Any] | None) -> None:
+    """Set each keyword of `extra` on `ds`; a None value removes the element."""
     for keyword, value in (extra or {}).items():
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    ds.file_meta = _file_meta(ds)
-    return ds
 
 
 def save_dataset(ds: Dataset, path: str | os.PathLike, transfer_syntax: str = "explicit") -> None:
@@ -185,28 +196,63 @@ def _patient_and_study(ds: Dataset, name: str, patient_id: str, birth_date: str,
 
 
 def _positioning(ds: Dataset, view: str, laterality: str, use_code: bool, use_series: bool) -> None:
-    """View and laterality in the primary tags, or only in their fallbacks when asked."""
+    """View and laterality in the primary tags, or only in their fallbacks when asked.
+
+    The View Code Sequence (Type 1) is always written when the view has a code: SNOMED CT
+    normally, the retired SRT code when the view is given by the code alone (older archives).
+    """
     if use_code:
         ds.ViewPosition = ""
-        ds.ViewCodeSequence = Sequence([_view_code_item(view)])
+        ds.ViewCodeSequence = Sequence([_view_code_item(view, legacy=True)])
     else:
         ds.ViewPosition = view
+        if view.upper() in VIEW_CODES:
+            ds.ViewCodeSequence = Sequence([_view_code_item(view)])
     if use_series:
         ds.Laterality = laterality
     else:
         ds.ImageLaterality = laterality
 
 
-def _view_code_item(view: str) -> Dataset:
+def _view_code_item(view: str, legacy: bool = False) -> Dataset:
     if view.upper() not in VIEW_CODES:
         raise ValueError(f"no CID 4014 code for view {view!r}; known: {sorted(VIEW_CODES)}")
-    srt_code, _, meaning = VIEW_CODES[view.upper()]
-    item = Dataset()
-    item.CodeValue = srt_code
-    item.CodingSchemeDesignator = "SRT"
-    item.CodeMeaning = meaning
+    srt_code, sct_code, meaning = VIEW_CODES[view.upper()]
+    item = _code_item(srt_code, "SRT", meaning) if legacy else _code_item(sct_code, "SCT", meaning)
     item.ViewModifierCodeSequence = Sequence([])
     return item
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _orientation(view: str, laterality: str) -> list[str]:
+    """Patient Orientation as acquired: a left breast's chest wall on the left edge, a right one's
+    on the right; columns run across the body on cranio-caudal views, toward the feet on the others."""
+    toward_nipple, across = ("A", "R") if laterality.upper() == "L" else ("P", "L")
+    view = view.upper()
+    if view in ("CC", "XCCL", "XCCM", "FB"):
+        return [toward_nipple, across]
+    return [toward_nipple, "F" + across if view in ("MLO", "LMO", "SIO", "ISO") else "F"]
+
+
+def _mammography_modules(ds: Dataset, view: str, laterality: str, photometric: str) -> None:
+    """The Type 1/2 attributes of the DX Image, DX Detector, Mammography Image and Acquisition
+    Context modules that hold for every phantom (nothing about a detector is claimed)."""
+    ds.PatientOrientation = _orientation(view, laterality)
+    ds.AnatomicRegionSequence = Sequence([_code_item(*BREAST_REGION)])
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    ds.DetectorType = ""
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.OrganExposed = "BREAST"
+    ds.AcquisitionContextSequence = Sequence([])
 
 
 def _pixel_module(ds: Dataset, stored: np.ndarray, photometric: str, bits_stored: int) -> None:
@@ -248,4 +294,4 @@ def _file_meta(ds: Dataset) -> FileMetaDataset:
     return meta
 
 
-__all__ = ["make_mammogram_dataset", "save_dataset", "VIEW_CODES", "TRANSFER_SYNTAXES"]
+__all__ = ["apply_extra", "make_mammogram_dataset", "save_dataset", "VIEW_CODES", "TRANSFER_SYNTAXES"]

@@ -18,7 +18,7 @@ import numpy as np
 from mame_lightning.data.dicom import normalise_vendor
 from mame_lightning.data.phantoms import AREA_CLASSES, DENSITIES
 
-FORMAT_VERSION = 1  # bump when the drawing or the file layout changes, so old files are redrawn
+FORMAT_VERSION = 2  # bump when the drawing or the file layout changes, so old files are redrawn
 
 VINDR_VENDORS = {"SIEMENS": 0.45, "Siemens Healthineers": 0.25, "Siemens": 0.15,
                  "Planmed": 0.08, "IMS s.r.l.": 0.07}

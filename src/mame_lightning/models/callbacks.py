@@ -16,11 +16,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from mame_lightning.models.ema import ema_weights
 from mame_lightning.models.export import export_pipeline
+from mame_lightning.models.loggers import log_image
 from mame_lightning.models.schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class SampleGrid(L.Callback):
     ``scheduler`` names another, see models/schedulers.py), with ``negative_prompt`` when set.
 
     Rows are prompts, columns seeds; every image of a column starts from the same noise, so rows
-    differ by the prompt only. Logged to TensorBoard as `samples` and saved as
+    differ by the prompt only. Logged to every logger (TensorBoard, W&B, MLflow) as `samples` and saved as
     `<log dir>/samples/step_XXXXXX.png`. For an inpainting module the validation image and mask
     come from `inpaint_image`/`inpaint_mask` files, else from item 0 of the validation set.
     """
@@ -145,8 +145,7 @@ class SampleGrid(L.Callback):
         grid = self.render(pl_module, trainer)
         path = save_png(grid, run_folder(trainer) / "samples" / f"step_{step:06d}.png")
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, step, dataformats="HWC")
+            log_image(logger, "samples", grid, step)
         return path
 
     def render(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> np.ndarray:

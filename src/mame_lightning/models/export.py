@@ -2,7 +2,8 @@
 
 The folder loads with `StableDiffusionPipeline.from_pretrained` (or the inpainting pipeline for a
 9-channel UNet) and no code of ours; the sidecar tells generation and evaluation which prompt
-templates and attribute values the model was trained on. Weights are written in float32 (EMA
+templates and attribute values the model was trained on, and README.md is the same told as a
+Hugging Face model card. Weights are written in float32 (EMA
 weights when the run kept an average), and the folder appears complete or not at all.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mame_lightning.models.ema import ema_weights
+from mame_lightning.models.model_card import write_model_card
 
 METADATA_FILE = "mame_lightning.json"
 ATTRIBUTE_KEYS = ("views", "densities", "areas", "vendors")
@@ -81,8 +83,11 @@ def export_pipeline(
     train_config: Mapping | None = None,
     data_counts: Mapping | None = None,
     prepare_size: int = 0,
+    metrics: Mapping | None = None,
+    card: Mapping | None = None,
 ) -> Path:
-    """Write `module.components` as a diffusers pipeline folder (DPM-Solver++) + mame_lightning.json."""
+    """Write `module.components` as a diffusers pipeline folder (DPM-Solver++) + mame_lightning.json
+    + README.md (model card with `metrics`; `card` may set its `license` and `base_model`)."""
     components = module.components
     task = task or getattr(module, "task", None) or ("inpaint" if components.is_inpaint else "text2image")
     if task == "inpaint" and not components.is_inpaint:
@@ -99,6 +104,8 @@ def export_pipeline(
         with torch.no_grad(), ema_weights(ema, components.unet), float32_weights(*parts):
             components.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(text, encoding="utf-8")
+        card = {k: v for k, v in dict(card or {}).items() if k in ("license", "base_model") and v}
+        write_model_card(tmp, json.loads(text), metrics=metrics, **card)
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,13 +2,12 @@
 
 PNGs carry the generation parameters and `synthetic=true` as text chunks, so an image that leaves
 its folder still says what it is and how to reproduce it. The optional DICOM copy is a new
-object (fresh UIDs) with no patient identity, and says in DerivationDescription and
-ImageComments that it is a synthetic image and from which prompt.
+Secondary Capture object (ConversionType SYN, fresh UIDs) with no patient identity, and says in
+DerivationDescription and ImageComments that it is a synthetic image and from which prompt.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from collections.abc import Mapping
@@ -21,11 +20,9 @@ from PIL.PngImagePlugin import PngInfo
 from mame_lightning import __version__
 
 SYNTHETIC_KEY = "synthetic"
-SYNTHETIC_NAME = "SYNTHETIC"  # PatientName / PatientID of every synthetic DICOM
+SYNTHETIC_NAME = "SYNTHETIC"  # PatientID of every synthetic DICOM
+SYNTHETIC_PATIENT_NAME = "SYNTHETIC^IMAGE"  # PatientName in the standard PN form (family^given)
 MANUFACTURER = "mame_lightning"
-# DICOM value length limits: DerivationDescription is ST (1024 chars), ImageComments LT (10240).
-_MAX_DERIVATION = 1024
-_MAX_COMMENTS = 10240
 
 
 def png_text(params: Mapping) -> dict[str, str]:
@@ -84,36 +81,15 @@ def synthetic_statement(params: Mapping) -> str:
 
 
 def synthetic_dataset(image: np.ndarray, params: Mapping, *, view: str | None = None, laterality: str = "L"):
-    """A Digital Mammography dataset for `image` (uint8) with new UIDs and no patient identity.
+    """A Secondary Capture dataset (ConversionType SYN) for `image` (uint8) with new UIDs and no
+    patient identity; the view and laterality are coded as the standard defines them."""
+    from mame_lightning.data.secondary_capture import secondary_capture_dataset
 
-    8-bit values are spread over 16 bits (×257) so full white stays full white.
-    """
-    from pydicom.uid import generate_uid
-
-    from mame_lightning.data.dicom_writer import make_mammogram_dataset
-
-    statement = synthetic_statement(params)
-    now = dt.datetime.now()
-    pixels = np.asarray(image, dtype=np.uint16) * 257
-    extra = {
-        "PatientBirthDate": "",
-        "PatientSex": "",
-        "AccessionNumber": "",
-        "StudyDate": now.strftime("%Y%m%d"), "SeriesDate": now.strftime("%Y%m%d"),
-        "ContentDate": now.strftime("%Y%m%d"), "StudyTime": now.strftime("%H%M%S"),
-        "SeriesTime": now.strftime("%H%M%S"), "ContentTime": now.strftime("%H%M%S"),
-        "ImageType": ["DERIVED", "SECONDARY"],
-        "DerivationDescription": statement[:_MAX_DERIVATION],
-        "ImageComments": statement[:_MAX_COMMENTS],
-        "BurnedInAnnotation": "NO",
-        "RecognizableVisualFeatures": "NO",
-        "SoftwareVersions": f"mame_lightning {__version__}",
-        "SeriesDescription": "SYNTHETIC",
-    }
-    return make_mammogram_dataset(
-        pixels, view=(view or "").upper(), laterality=laterality, manufacturer=MANUFACTURER,
-        patient_name=SYNTHETIC_NAME, patient_id=SYNTHETIC_NAME, birth_date="", accession="",
-        study_uid=generate_uid(), series_uid=generate_uid(), sop_uid=generate_uid(), extra=extra,
+    return secondary_capture_dataset(
+        np.asarray(image, dtype=np.uint8), view=view, laterality=laterality,
+        statement=synthetic_statement(params), manufacturer=MANUFACTURER,
+        software_version=f"mame_lightning {__version__}", patient_name=SYNTHETIC_PATIENT_NAME,
+        patient_id=SYNTHETIC_NAME,
     )
 
 
@@ -127,5 +103,5 @@ def save_dicom(image: np.ndarray, path: str | os.PathLike, params: Mapping, *, v
     return path
 
 
-__all__ = ["SYNTHETIC_KEY", "SYNTHETIC_NAME", "png_text", "save_png", "read_png_text", "is_marked_synthetic",
+__all__ = ["SYNTHETIC_KEY", "SYNTHETIC_NAME", "SYNTHETIC_PATIENT_NAME", "png_text", "save_png", "read_png_text", "is_marked_synthetic",
            "synthetic_statement", "synthetic_dataset", "save_dicom"]
