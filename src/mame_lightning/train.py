@@ -13,10 +13,23 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from mame_lightning.models.checkpoints import CheckpointError
+    from mame_lightning.models.text2image import TrainingDiverged
     from mame_lightning.training import train
 
-    result = train(cfg)
-    return result
+    try:
+        return train(cfg)
+    except (TrainingDiverged, CheckpointError, FileNotFoundError) as exc:
+        if _in_multirun():
+            raise  # Hydra records the job as failed and the sweep goes on to its summary
+        raise SystemExit(f"error: {exc}") from exc  # one line, exit status 1
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":
