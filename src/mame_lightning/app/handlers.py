@@ -13,9 +13,6 @@ import dataclasses
 import functools
 import logging
 import secrets
-import shutil
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from mame_lightning.app.images import (
     mask_bbox,
     outline_overlay,
 )
+from mame_lightning.app.storage import new_request_dir, prune
 from mame_lightning.data.dicom import DicomError
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
 from mame_lightning.pipelines.inputs import InputError, PreparedInput, inpaint_mask, load_input_image
@@ -86,21 +84,9 @@ class AppContext:
         return model
 
     def request_dir(self, kind: str) -> Path:
-        """A fresh folder for one request's files; folders older than keep_hours are removed first."""
+        """A fresh folder for one request's files; the app's folders older than keep_hours go first."""
         prune(self.output_dir, self.limits.keep_hours * 3600)
-        folder = self.output_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        folder.mkdir(parents=True)
-        return folder
-
-
-def prune(root: Path, max_age_s: float) -> None:
-    """Delete request folders older than `max_age_s`; names starting with "_" (the example) stay."""
-    if max_age_s <= 0 or not root.is_dir():
-        return
-    cutoff = time.time() - max_age_s
-    for folder in root.iterdir():
-        if folder.is_dir() and not folder.name.startswith("_") and folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+        return new_request_dir(self.output_dir, kind)
 
 
 def readable_errors(fn):
