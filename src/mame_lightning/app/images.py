@@ -24,9 +24,12 @@ DISPLAY_SIDE = 384  # small model outputs are enlarged (nearest) to about this s
 def image_dimensions(path: Path) -> tuple[int, int]:
     """(width, height) from the header only: DICOM Rows/Columns, or what PIL reads before decoding."""
     if is_dicom(path):
-        from mame_lightning.data.dicom import read_dicom
+        from mame_lightning.data.dicom import DicomError, read_dicom
 
-        ds = read_dicom(path)
+        try:
+            ds = read_dicom(path)
+        except DicomError as exc:  # named by the file the user chose, not the server's temp path
+            raise InputError(f"{path.name}: {exc.reason}") from exc
         return int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
     try:
         with Image.open(path) as img:

@@ -69,6 +69,8 @@ def build_settings(dataset: DictConfig, preparation: DictConfig) -> dict:
         "check_orientation": bool(preparation.get("check_orientation", True)),
         "templates": {str(k): str(v) for k, v in plain(dataset.templates).items()},
         "filters": plain(dataset.get("filters")) or {},
+        "max_pixels": int(preparation.get("max_pixels") or 0),
+        "follow_symlinks": bool(dataset.get("follow_symlinks", False)),
     }
 
 

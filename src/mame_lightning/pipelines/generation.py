@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from mame_lightning.pipelines.loading import LoadedModel
+from mame_lightning.pipelines.loading import LoadedModel, model_label
 
 
 @dataclass
@@ -69,7 +69,7 @@ def sampling_params(model: LoadedModel, prompt: str, settings: GenerationSetting
         "guidance": float(settings.guidance),
         "steps": int(settings.steps),
         "scheduler": model.scheduler,
-        "model": model.path,
+        "model": model_label(model.path),  # no absolute path in any output
         "task": model.task,
     }
 
