@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
+from mame_lightning.pipelines.generation import GenerationSettings, check_range, inpaint, text2image
 from mame_lightning.pipelines.inputs import InputError, inpaint_mask, input_label, load_input_image
 from mame_lightning.pipelines.loading import LoadedModel, ModelNotFoundError, load_model
 from mame_lightning.pipelines.marking import save_png
@@ -136,10 +136,19 @@ def _box_text(box) -> str:
     return box if isinstance(box, str) else ",".join(f"{float(v):g}" for v in box)
 
 
+def check_request(cfg: DictConfig) -> None:
+    """Settings and the output folder, checked before a model is loaded or an image drawn."""
+    check_range("n", cfg.n, 1, 100_000, whole=True)
+    check_range("strength", cfg.strength, 0.01, 1.0)
+    settings_from(cfg)  # steps, guidance, seed, batch_size
+    out = Path(str(cfg.out))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} is an existing file; give a folder (new or existing) for the images")
+
+
 def run(cfg: DictConfig) -> list[dict]:
     """Load the model(s), generate, write the folder; returns the index rows (or findings for mode=full)."""
-    if int(cfg.n) < 1:
-        raise ValueError(f"n={cfg.n}: ask for at least one image")
+    check_request(cfg)
     model = load(cfg, cfg.model_path)
     mode = resolve_mode(cfg, model.task)
     out = Path(str(cfg.out))

@@ -7,8 +7,32 @@ summary table at the end. Add your own config folder with `--config-dir DIR`.
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+_PLAIN_CHOICES = re.compile(r"^[\w.-]+(,[\w.-]+)*$")
+
+
+def quote_numeric_choices(argv: list[str]) -> list[str]:
+    """`precision=32` -> `precision='32'`: Hydra reads a bare number as an int, and a group option is a name.
+
+    Only for groups of conf/ that have an option file of that name; sweeps (`precision=32,bf16-mixed`) too.
+    """
+    fixed = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = CONF_DIR / key
+        if sep and group.is_dir() and _PLAIN_CHOICES.match(value):
+            choices = value.split(",")
+            if any((group / f"{c}.yaml").is_file() and re.fullmatch(r"[\d.]+", c) for c in choices):
+                arg = key + "=" + ",".join(f"'{c}'" if re.fullmatch(r"[\d.]+", c) else c for c in choices)
+        fixed.append(arg)
+    return fixed
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -32,5 +56,10 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    sys.argv = quote_numeric_choices(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

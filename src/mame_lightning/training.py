@@ -110,6 +110,14 @@ def first_use_preparation(cfg: DictConfig):
     return functools.partial(prepare_from_config, prepare_cfg)
 
 
+def check_data(cfg: DictConfig) -> None:
+    """The prepared set's listing against its files, before any model is built (when the set exists)."""
+    from mame_lightning.data.datamodule import check_prepared_files
+
+    if cfg.get("datamodule") and cfg.datamodule.get("prepared_dir"):
+        check_prepared_files(cfg.datamodule.prepared_dir, cfg.datamodule.get("task") or cfg.task.data_task)
+
+
 def build_datamodule(cfg: DictConfig, components):
     datamodule = instantiate(cfg.datamodule, _partial_=True)(
         tokenizer=components.tokenizer, prepare_fn=first_use_preparation(cfg)
@@ -136,6 +144,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    check_data(cfg)  # a missing image fails now, not hours in at its first batch
     components = build_components(cfg)
     module = build_module(cfg, components)
     datamodule = build_datamodule(cfg, components)
