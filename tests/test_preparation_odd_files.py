@@ -102,3 +102,14 @@ def test_a_header_claiming_gigapixels_is_refused_before_decoding(tmp_path, monke
     assert "preparation.max_pixels" in report["rejected"][0]["reason"] and report["kept"] == 1
     report = prepare_dataset(compose_prepare("folder", raw, tmp_path / "out2", "preparation.max_pixels=100"))
     assert entries(report, "rejected") == {"bomb.dcm": "too large", "normal.dcm": "too large"}
+
+
+@pytest.mark.timeout(120)
+def test_pipes_and_folders_named_like_dicoms_are_rejected_without_hanging(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_dicom(raw / "normal.dcm", seed=1)
+    os.mkfifo(raw / "pipe.dcm")
+    os.mkfifo(raw / "IMG0001")  # no extension: listing must not open it to look for the DICM marker
+    (raw / "folder.dcm").mkdir()
+    report = prepare_dataset(compose_prepare("folder", raw, out))
+    assert entries(report, "rejected") == {"pipe.dcm": "not a regular file"} and report["kept"] == 1

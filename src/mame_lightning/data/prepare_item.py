@@ -149,6 +149,8 @@ def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mappin
     problem = link_problem(raw_dir, path, bool(settings.get("follow_symlinks", False)))
     if problem:
         return _drop("rejected", *problem)
+    if path.exists() and not path.is_file():
+        return _drop("rejected", "not a regular file", "not a regular file (a folder, pipe or device)")
     if not path.is_file():
         return _drop("rejected", "missing file", "listed in the metadata but missing on disk")
     unlocalised = unlocalised_reason(record)

@@ -26,7 +26,12 @@ DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 
 
 def has_dicom_marker(path: str | Path) -> bool:
-    """True when the file holds ``DICM`` right after its 128-byte preamble."""
+    """True when the file holds ``DICM`` right after its 128-byte preamble.
+
+    Only regular files are opened: opening a FIFO would wait forever for a writer.
+    """
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as handle:
             head = handle.read(PREAMBLE_LENGTH + len(MAGIC))
