@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from mame_lightning.data.records import Box
-from mame_lightning.pipelines.inputs import InputError, is_dicom
+from mame_lightning.pipelines.inputs import InputError, header_size, is_dicom
 
 OUTLINE_RGB = (255, 40, 40)
 DISPLAY_SIDE = 384  # small model outputs are enlarged (nearest) to about this side for display
@@ -32,11 +32,10 @@ def image_dimensions(path: Path) -> tuple[int, int]:
             raise InputError(f"{path.name}: {exc.reason}") from exc
         return int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
     try:
-        with Image.open(path) as img:
-            return img.size
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{path.name}: image too large to open safely ({exc})") from exc
-    except OSError as exc:
+        return header_size(path)
+    except InputError as exc:  # said with the name the user chose, not the server's temp path
+        if isinstance(exc.__cause__, Image.DecompressionBombError):
+            raise InputError(f"{path.name}: image too large to open safely ({exc.__cause__})") from exc
         raise InputError(f"{path.name}: not an image this app can read (PNG, JPEG, TIFF or DICOM expected)") from exc
 
 

@@ -91,7 +91,7 @@ def header_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above any mammogram
         raise InputError(f"{path}: image too large to open safely ({exc})") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot read image ({exc})") from exc
@@ -99,14 +99,12 @@ def header_size(path: Path) -> tuple[int, int]:
 
 def read_gray(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """An ordinary image file as uint8 gray, its size checked from the header before decoding."""
+    width, height = header_size(path)
+    if max_pixels and width * height > max_pixels:
+        raise too_large(path, width, height, max_pixels)
     try:
         with Image.open(path) as img:
-            width, height = img.size
-            if max_pixels and width * height > max_pixels:
-                raise too_large(path, width, height, max_pixels)
             return np.asarray(img.convert("L"))
-    except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above any mammogram
-        raise InputError(f"{path}: image too large to open safely ({exc})") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot read image ({exc})") from exc
 
@@ -194,5 +192,5 @@ def inpaint_mask(prepared: PreparedInput, *, mask: str | Path | None = None, box
     return load_mask(mask, prepared) if mask is not None else mask_from_box(parse_box(box), prepared)
 
 
-__all__ = ["InputError", "PreparedInput", "input_label", "load_input_image", "parse_box", "mask_from_box", "load_mask",
+__all__ = ["InputError", "PreparedInput", "header_size", "input_label", "load_input_image", "parse_box", "mask_from_box", "load_mask",
            "inpaint_mask", "is_dicom"]
