@@ -7,6 +7,7 @@ tests and sweeps call the same function.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -156,9 +157,11 @@ def train(cfg: DictConfig) -> dict:
     from mame_lightning.models.text2image import TrainingDiverged
 
     ckpt_path = resolve_ckpt_path(cfg)
+    # checkpoints are read with weights_only=True (torch's default too, for Lightning releases without the flag)
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
     try:
-        with allowed_types():  # checkpoints are read with weights_only=True: no code runs from them
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with allowed_types():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **safe)
     except TrainingDiverged as exc:
         # No export: the weights are no use. result.json says why; the caller exits non-zero.
         result = run_result(trainer, module, run_dir, cfg, started, status="diverged", reason=str(exc))
