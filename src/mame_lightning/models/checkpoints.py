@@ -41,8 +41,9 @@ def safe_globals() -> list:
 
 @contextlib.contextmanager
 def allowed_types():
-    """`torch.load(weights_only=True)` inside this block also accepts `safe_globals()`."""
-    with torch.serialization.safe_globals(safe_globals()):
+    """`torch.load(weights_only=True)` inside this block also accepts `safe_globals()` (torch >= 2.5)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    with allow(safe_globals()) if allow else contextlib.nullcontext():
         yield
 
 
@@ -66,8 +67,13 @@ def check_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if lister is None:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch zip file); the file is damaged")
+        return path
     try:
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        unsafe = set(lister(path))
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
                               "the file is damaged or incomplete") from exc
