@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from PIL import Image
 
 pytest.importorskip("gradio")
 
-from mame_lightning.app.handlers import prune  # noqa: E402
 from mame_lightning.app.images import (  # noqa: E402
     OUTLINE_RGB, check_upload, editor_mask, mask_bbox, outline_overlay,
 )
@@ -60,14 +57,3 @@ def test_upload_checks_name_the_file_and_read_only_the_header(tmp_path):
         check_upload(big, 100_000)
     with pytest.raises(InputError, match="no image"):
         check_upload(None, 100)
-
-
-def test_prune_removes_only_old_request_folders(tmp_path):
-    old, new, example = tmp_path / "generate-old", tmp_path / "generate-new", tmp_path / "_example"
-    for folder in (old, new, example):
-        folder.mkdir()
-    past = time.time() - 7200
-    os.utime(old, (past, past))
-    os.utime(example, (past, past))
-    prune(tmp_path, 3600)
-    assert not old.exists() and new.exists() and example.exists()

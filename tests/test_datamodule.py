@@ -242,8 +242,12 @@ def test_missing_image_names_the_file(tmp_path, tokenizer):
     write_png(folder / "images" / "a.png", np.zeros((8, 8), np.uint8))
     rows = [{"id": i, "file_name": f"images/{i}.png", "prompt": "p"} for i in ("a", "b")]
     (folder / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(FileNotFoundError, match=r"1 listed file\(s\) missing .*images/b\.png"):
+        PreparedImageDataset(tmp_path, "text2image", tokenizer)  # one pass over the listing, up front
+    write_png(folder / "images" / "b.png", np.zeros((8, 8), np.uint8))
     dataset = PreparedImageDataset(tmp_path, "text2image", tokenizer)
     assert dataset[0]["pixel_values"].shape == (3, 8, 8)
+    (folder / "images" / "b.png").unlink()  # gone later, during training
     with pytest.raises(FileNotFoundError, match="b.png"):
         dataset[1]
 

@@ -24,6 +24,7 @@ from mame_lightning.pipelines.full import (
     sample_lesion_box,
 )
 from mame_lightning.pipelines.generation import GenerationSettings, repaint_region
+from mame_lightning.pipelines.loading import model_label
 from mame_lightning.pipelines.marking import read_png_text
 
 FAST = GenerationSettings(steps=2, seed=4, progress=False)
@@ -96,7 +97,8 @@ def test_full_flow_with_a_given_box_writes_agreeing_image_mask_and_csv(t2i_model
         assert text["synthetic"] == "true" and text["task"] == "full"
         assert text["prompt"] == "a siemens mammogram in MLO view"
         assert text["lesion_prompt"] == "a mammogram with a lesion" and text["lesion_box"] == "20,16,36,30"
-        assert text["inpaint_model"] == inpaint_model.path and text["model"] == t2i_model.path
+        assert text["inpaint_model"] == model_label(inpaint_model.path) == "generation_models/export_inpaint"
+        assert text["model"] == model_label(t2i_model.path)
         ds = pydicom.dcmread(tmp_path / "images" / f"{image_id}.dcm")
         assert ds.Modality == "MG" and "a mammogram with a lesion" in ds.ImageComments
     assert rows[0]["image_id"] != rows[1]["image_id"]

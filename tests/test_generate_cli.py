@@ -17,6 +17,7 @@ from dicom_validator import DCIODVFY, validate
 from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
 from mame_lightning import generate
 from mame_lightning.data.dicom import tag_metadata
+from mame_lightning.pipelines.inputs import input_label
 from mame_lightning.pipelines.marking import read_png_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_inpainting_a_dicom_by_box_in_original_pixels(monkeypatch, inpaint_dir, 
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and rows[0]["prompt"] == "a mammogram with a lesion"
     text = read_png_text(out / rows[0]["file"])
-    assert text["box"] == "50,40,70,60" and text["image"] == str(tmp_path / "in.dcm")
+    assert text["box"] == "50,40,70,60" and text["image"] == input_label(tmp_path / "in.dcm")
 
 
 def test_full_mode_from_the_command_line(monkeypatch, t2i_dir, inpaint_dir, tmp_path):

@@ -61,7 +61,7 @@ def test_generated_folder_carries_parameters_index_and_timings(t2i_model, tmp_pa
         assert text["seed"] == line["seed"] == str(result.seed)
         assert text["negative_prompt"] == "white background"
         assert (text["guidance"], text["steps"], text["scheduler"]) == ("3.0", "2", "dpmsolver++")
-        assert text["model"] == str(t2i_model.path) and text["task"] == "text2image"
+        assert text["model"] == "generation_models/export_text2image" and text["task"] == "text2image"
         assert float(line["seconds"]) > 0
         assert np.array_equal(np.asarray(Image.open(tmp_path / line["file"])), result.image)
         ds = pydicom.dcmread(tmp_path / line["dicom_file"])

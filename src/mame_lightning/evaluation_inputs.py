@@ -133,7 +133,7 @@ def sweep_scales(cfg: DictConfig, multirun_overrides: Sequence[str] | None = Non
 
 
 def generation_settings(cfg: DictConfig, guidance: float, seed: int | None = None) -> GenerationSettings:
-    """Sampling settings from conf/guidance (steps, negative prompt) at one guidance scale."""
+    """Sampling settings (steps, negative prompt: the guidance.* keys of conf/sampling) at one guidance scale."""
     return GenerationSettings(guidance=float(guidance), steps=int(cfg.guidance.steps),
                               negative_prompt=cfg.guidance.get("negative_prompt") or None,
                               seed=int(cfg.seed if seed is None else seed), batch_size=int(cfg.get("batch_size", 1)),

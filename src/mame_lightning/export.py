@@ -13,10 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mame_lightning.models.hub import check_push, push_folder
+
+# What a run config found next to a checkpoint may build: our models and modules, optimizers.
+# A config is code (`_target_` names a callable), so one from elsewhere is held to this list.
+ALLOWED_TARGETS = ("mame_lightning.models.", "torch.optim.", "bitsandbytes.optim.", "diffusers.", "transformers.")
+BUILT_SECTIONS = ("model", "optimizer", "task")
 
 
 def find_run_config(ckpt: Path) -> Path:
@@ -27,6 +31,32 @@ def find_run_config(ckpt: Path) -> Path:
     raise FileNotFoundError(
         f"no resolved_config.yaml found above {ckpt}; pass config=PATH to the run's resolved_config.yaml"
     )
+
+
+def _targets(node, where: str):
+    """(key path, `_target_`) of every object the node would build."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                yield where, str(value)
+            else:
+                yield from _targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{where}[{i}]")
+
+
+def check_targets(cfg: DictConfig, source: Path, allowed: tuple[str, ...] = ALLOWED_TARGETS) -> None:
+    """Refuse a run config that would build anything outside `allowed` (it would run that code)."""
+    for section in BUILT_SECTIONS:
+        node = OmegaConf.to_container(cfg[section], resolve=True) if section in cfg else None
+        for where, target in _targets(node, section):
+            if not target.startswith(allowed):
+                raise ValueError(
+                    f"{source}: {where}._target_={target} is not one of the builders a checkpoint export may "
+                    f"call ({', '.join(allowed)}); refusing to run it. Export from a run config you trust "
+                    "(config=FILE) that builds only those"
+                )
 
 
 def _prepared_attributes(cfg: DictConfig) -> tuple[dict, dict]:
@@ -66,16 +96,19 @@ def _run_metrics(run_config: Path, global_step: int) -> dict | None:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, config: str | Path | None = None) -> Path:
+    from mame_lightning.models.checkpoints import check_checkpoint, load_checkpoint
     from mame_lightning.models.export import export_pipeline
     from mame_lightning.training import build_components, build_module, card_options
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    check_checkpoint(ckpt)  # before the model is built: a bad file fails in a second
     config = Path(config) if config else find_run_config(ckpt)
     cfg = OmegaConf.load(config)
+    check_targets(cfg, config)
     module = build_module(cfg, build_components(cfg))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)
     module.load_state_dict(state["state_dict"])
     if hasattr(module, "on_load_checkpoint"):
         module.on_load_checkpoint(state)
@@ -100,8 +133,11 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 def main(cfg: DictConfig) -> None:
     if not cfg.get("ckpt"):
         raise SystemExit("usage: python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR] [config=FILE]")
-    token = check_push(cfg.push_to_hub) if cfg.get("push_to_hub") else None
-    folder = export_checkpoint(cfg.ckpt, cfg.get("out"), cfg.get("config"))
+    try:
+        token = check_push(cfg.push_to_hub) if cfg.get("push_to_hub") else None
+        folder = export_checkpoint(cfg.ckpt, cfg.get("out"), cfg.get("config"))
+    except (ValueError, OSError) as exc:  # a bad checkpoint or config: one line, no traceback
+        raise SystemExit(f"error: {exc}") from exc
     print(f"exported diffusers pipeline to {folder}")
     if token:
         print(f"uploaded to {push_folder(folder, cfg.push_to_hub, private=bool(cfg.private), token=token)}")

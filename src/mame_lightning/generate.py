@@ -18,8 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
-from mame_lightning.pipelines.inputs import InputError, inpaint_mask, load_input_image
+from mame_lightning.pipelines.generation import GenerationSettings, check_range, inpaint, text2image
+from mame_lightning.pipelines.inputs import InputError, inpaint_mask, input_label, load_input_image
 from mame_lightning.pipelines.loading import LoadedModel, ModelNotFoundError, load_model
 from mame_lightning.pipelines.marking import save_png
 from mame_lightning.pipelines.outputs import TIMINGS_FILE, save_results
@@ -34,11 +34,12 @@ from mame_lightning.pipelines.prompting import (
 MODES = ("auto", "text2image", "inpaint", "full")
 # Override values Hydra would misread: a comma makes a sweep, brackets a list, a colon a dict.
 BOX_KEYS = ("box",)
-TEXT_KEYS = ("prompt", "negative_prompt", "lesion_prompt")
+# Free text, and paths: folder names from PACS exports hold characters such as ^ that Hydra's grammar rejects.
+TEXT_KEYS = ("prompt", "negative_prompt", "lesion_prompt", "image", "mask", "model_path", "inpaint_model_path", "out")
 
 
 def protect_overrides(argv: list[str]) -> list[str]:
-    """`box=1,2,3,4` -> `box=[1,2,3,4]` and free-text prompts quoted, so they reach us verbatim."""
+    """`box=1,2,3,4` -> `box=[1,2,3,4]`; free-text prompts and paths quoted, so they reach us verbatim."""
     fixed = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -99,12 +100,14 @@ def run_text2image(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]
 
 
 def run_inpaint(cfg: DictConfig, model: LoadedModel, out: Path) -> list[dict]:
-    prepared = load_input_image(cfg.image, model.size)
+    prepared = load_input_image(cfg.image, model.size, max_pixels=int(cfg.max_pixels or 0) or None)
     mask = inpaint_mask(prepared, mask=cfg.mask, box=cfg.box)
     prompt = build_prompt(model.metadata, "inpaint", prompt=cfg.prompt, attributes=attributes_from(cfg))
     print(f"prompt: {prompt}")
     results = inpaint(model, prepared.image, mask, prompt, int(cfg.n), settings_from(cfg), strength=float(cfg.strength))
-    source = {"image": str(cfg.image), "mask": str(cfg.mask or ""), "box": _box_text(cfg.box)}
+    # the inputs by content hash, never by path: folder and file names can carry patient identity
+    source = {"image": input_label(cfg.image), "mask": input_label(cfg.mask) if cfg.mask else "",
+              "box": _box_text(cfg.box)}
     for result in results:
         result.params.update(source)
     save_png(mask, out / "mask.png", {"task": "inpaint_mask", **source})
@@ -133,10 +136,19 @@ def _box_text(box) -> str:
     return box if isinstance(box, str) else ",".join(f"{float(v):g}" for v in box)
 
 
+def check_request(cfg: DictConfig) -> None:
+    """Settings and the output folder, checked before a model is loaded or an image drawn."""
+    check_range("n", cfg.n, 1, 100_000, whole=True)
+    check_range("strength", cfg.strength, 0.01, 1.0)
+    settings_from(cfg)  # steps, guidance, seed, batch_size
+    out = Path(str(cfg.out))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} is an existing file; give a folder (new or existing) for the images")
+
+
 def run(cfg: DictConfig) -> list[dict]:
     """Load the model(s), generate, write the folder; returns the index rows (or findings for mode=full)."""
-    if int(cfg.n) < 1:
-        raise ValueError(f"n={cfg.n}: ask for at least one image")
+    check_request(cfg)
     model = load(cfg, cfg.model_path)
     mode = resolve_mode(cfg, model.task)
     out = Path(str(cfg.out))

@@ -21,8 +21,13 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
+    from mame_lightning.data.sources import SourceError
+
     # Hydra's logging already shows the summary on the console and keeps it in the run's log.
-    prepare_from_config(cfg, echo=False)
+    try:
+        prepare_from_config(cfg, echo=False)
+    except SourceError as exc:  # a missing raw_dir or annotation file: one line, no traceback
+        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ tests and sweeps call the same function.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -64,15 +66,27 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=` wins; `resume=auto` picks the run folder's last.ckpt when there is one."""
+    """`ckpt_path=` wins; `resume=auto` picks the run folder's last.ckpt when there is one.
+
+    The file is checked first (readable, plain types only), so a damaged one fails in a second with
+    its name rather than after the model is built.
+    """
+    from mame_lightning.models.checkpoints import CheckpointError, check_checkpoint
+
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={path} does not exist")
-        return str(path)
+        return str(check_checkpoint(path))
     if cfg.get("resume") == "auto":
         last = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
         if last.is_file():
+            try:
+                check_checkpoint(last)
+            except CheckpointError as exc:
+                raise CheckpointError(f"resume=auto: {exc}. Resume from another checkpoint with "
+                                      f"ckpt_path=FILE (e.g. one of {last.parent}/step-*.ckpt), or remove "
+                                      f"{last} to start fresh") from exc
             log.info("resume=auto: continuing from %s", last)
             return str(last)
         log.info("resume=auto: no %s yet, starting fresh", last)
@@ -137,6 +151,14 @@ def first_use_preparation(cfg: DictConfig):
     return functools.partial(prepare_from_config, prepare_cfg)
 
 
+def check_data(cfg: DictConfig) -> None:
+    """The prepared set's listing against its files, before any model is built (when the set exists)."""
+    from mame_lightning.data.datamodule import check_prepared_files
+
+    if cfg.get("datamodule") and cfg.datamodule.get("prepared_dir"):
+        check_prepared_files(cfg.datamodule.prepared_dir, cfg.datamodule.get("task") or cfg.task.data_task)
+
+
 def build_datamodule(cfg: DictConfig, components):
     datamodule = instantiate(cfg.datamodule, _partial_=True)(
         tokenizer=components.tokenizer, prepare_fn=first_use_preparation(cfg)
@@ -147,8 +169,10 @@ def build_datamodule(cfg: DictConfig, components):
 
 
 def _final_metric(trainer: L.Trainer, key: str) -> float | None:
+    """The last logged value; None when never logged or not finite (JSON has no NaN)."""
     value = trainer.callback_metrics.get(key)
-    return float(value) if value is not None else None
+    value = float(value) if value is not None else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -163,37 +187,66 @@ def train(cfg: DictConfig) -> dict:
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    check_data(cfg)  # a missing image fails now, not hours in at its first batch
     components = build_components(cfg)
     module = build_module(cfg, components)
     datamodule = build_datamodule(cfg, components)
     trainer = build_trainer(cfg, build_callbacks(cfg))
     log_hyperparams(trainer.loggers, _flat_hparams(cfg))
+
+    from mame_lightning.models.checkpoints import allowed_types
+    from mame_lightning.models.text2image import TrainingDiverged
+
+    ckpt_path = resolve_ckpt_path(cfg)
+    # checkpoints are read with weights_only=True (torch's default too, for Lightning releases without the flag)
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+        with allowed_types():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **safe)
+    except TrainingDiverged as exc:
+        finish_loggers(trainer.loggers, failed=True)
+        # No export: the weights are no use. result.json says why; the caller exits non-zero.
+        result = run_result(trainer, module, run_dir, cfg, started, status="diverged", reason=str(exc))
+        result["train_loss"] = None  # the last logged value predates the divergence
+        if trainer.is_global_zero:
+            _write_json(run_dir / "result.json", result)
+        raise
     except BaseException:
         finish_loggers(trainer.loggers, failed=True)
         raise
     finish_loggers(trainer.loggers)
 
-    result = {
-        "run_dir": str(run_dir),
-        "task": cfg.task.name,
-        "global_step": int(trainer.global_step),
-        # micro-batches consumed: global_step × accumulate_grad_batches for a completed run
-        "micro_batches": int(trainer.fit_loop.epoch_loop.batch_progress.total.completed),
-        "train_loss": _final_metric(trainer, "train/loss"),
-        "val_loss": _final_metric(trainer, "val/loss"),
-        "seconds": round(time.time() - started, 2),
-        "interrupted": bool(trainer.interrupted),
-    }
+    status = "interrupted" if trainer.interrupted else "finished"
+    result = run_result(trainer, module, run_dir, cfg, started, status=status)
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
             folder = export_run(cfg, module, datamodule, run_dir / "export", metrics=card_metrics(trainer))
             result["export_dir"] = str(folder)
             if hub_token:
-                result["hub_url"] = push_folder(folder, cfg.export.push_to_hub, private=bool(cfg.export.get("private",
-                                                True)), token=hub_token)
+                result["hub_url"] = push_folder(folder, cfg.export.push_to_hub,
+                                                private=bool(cfg.export.get("private", True)), token=hub_token)
         _write_json(run_dir / "result.json", result)
+    return result
+
+
+def run_result(trainer: L.Trainer, module, run_dir: Path, cfg: DictConfig, started: float, *, status: str,
+               reason: str | None = None) -> dict:
+    """The record written to result.json: steps, losses, skipped steps, time and how the run ended."""
+    result = {
+        "run_dir": str(run_dir),
+        "task": cfg.task.name,
+        "status": status,
+        "global_step": int(trainer.global_step),
+        # micro-batches consumed: global_step × accumulate_grad_batches for a completed run
+        "micro_batches": int(trainer.fit_loop.epoch_loop.batch_progress.total.completed),
+        "train_loss": _final_metric(trainer, "train/loss"),
+        "val_loss": _final_metric(trainer, "val/loss"),
+        "skipped_steps": int(getattr(module, "skipped_steps", 0)),
+        "seconds": round(time.time() - started, 2),
+        "interrupted": bool(trainer.interrupted),
+    }
+    if reason:
+        result["reason"] = reason
     return result
 
 

@@ -13,9 +13,6 @@ import dataclasses
 import functools
 import logging
 import secrets
-import shutil
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +27,10 @@ from mame_lightning.app.images import (
     mask_bbox,
     outline_overlay,
 )
+from mame_lightning.app.storage import new_request_dir, prune
 from mame_lightning.data.dicom import DicomError
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
-from mame_lightning.pipelines.inputs import InputError, PreparedInput, inpaint_mask, load_input_image
+from mame_lightning.pipelines.inputs import InputError, PreparedInput, inpaint_mask, input_label, load_input_image
 from mame_lightning.pipelines.loading import LoadedModel, ModelNotFoundError
 from mame_lightning.pipelines.marking import save_dicom, save_png
 from mame_lightning.pipelines.outputs import csv_text, save_result, write_text
@@ -86,21 +84,9 @@ class AppContext:
         return model
 
     def request_dir(self, kind: str) -> Path:
-        """A fresh folder for one request's files; folders older than keep_hours are removed first."""
+        """A fresh folder for one request's files; the app's folders older than keep_hours go first."""
         prune(self.output_dir, self.limits.keep_hours * 3600)
-        folder = self.output_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        folder.mkdir(parents=True)
-        return folder
-
-
-def prune(root: Path, max_age_s: float) -> None:
-    """Delete request folders older than `max_age_s`; names starting with "_" (the example) stay."""
-    if max_age_s <= 0 or not root.is_dir():
-        return
-    cutoff = time.time() - max_age_s
-    for folder in root.iterdir():
-        if folder.is_dir() and not folder.name.startswith("_") and folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+        return new_request_dir(self.output_dir, kind)
 
 
 def readable_errors(fn):
@@ -215,10 +201,10 @@ def generate(ctx: AppContext, source, vendor, view, density, area, free_prompt, 
 # ---------------------------------------------------------------------------------------- inpaint
 
 
-def prepare_file(path: Path, size: int) -> PreparedInput:
+def prepare_file(path: Path, size: int, max_pixels: int | None = None) -> PreparedInput:
     """`load_input_image`, with messages naming the file the user chose rather than its temp path."""
     try:
-        return load_input_image(path, size)
+        return load_input_image(path, size, max_pixels)
     except (InputError, DicomError) as exc:
         raise InputError(str(exc).replace(str(path), path.name)) from exc
 
@@ -226,7 +212,7 @@ def prepare_file(path: Path, size: int) -> PreparedInput:
 def input_image(ctx: AppContext, upload, editor, size: int, out: Path) -> PreparedInput:
     """The image to inpaint at the model's size: the uploaded file, else the editor's background."""
     if upload:
-        return prepare_file(check_upload(upload, ctx.limits.max_pixels), size)
+        return prepare_file(check_upload(upload, ctx.limits.max_pixels), size, ctx.limits.max_pixels)
     background = editor_background(editor)
     if background is None:
         raise InputError("no image: upload a PNG or DICOM, load the example, or send a generated image here")
@@ -254,9 +240,9 @@ def load_image(ctx: AppContext, upload):
     """An uploaded PNG/DICOM prepared to the inpainting model's size, as the editor background."""
     model = ctx.require("inpaint")
     path = check_upload(upload, ctx.limits.max_pixels)
-    prepared = prepare_file(path, model.size)
+    prepared = prepare_file(path, model.size, ctx.limits.max_pixels)
     out = ctx.request_dir("upload")
-    shown = save_png(prepared.image, out / "prepared.png", {"task": "inpaint_input", "image": path.name})
+    shown = save_png(prepared.image, out / "prepared.png", {"task": "inpaint_input", "image": input_label(path)})
     how = "as is" if prepared.geometry is None else "resized and centre-cropped" + (
         ", right breast flipped" if getattr(prepared.geometry, "flip", False) else "")
     return editor_value(shown), f"{path.name}: prepared to {model.size}x{model.size} px ({how}). Brush the lesion region."
@@ -284,7 +270,7 @@ def inpaint_lesion(ctx: AppContext, upload, editor, box, prompt, negative, guida
     seed = pick_seed(seed, random_seed)
     settings = make_settings(ctx, guidance, steps, negative, seed)
     result = inpaint(with_scheduler(model, scheduler), prepared.image, mask, prompt, 1, settings)[0]
-    result.params.update({"image": Path(prepared.source).name, "region": region})
+    result.params.update({"image": input_label(prepared.source), "region": region})
     view = prepared.tags.get("view") or infer_view(prompt)
     row = save_result(result, out, dicom=bool(dicom), view=view, name=f"inpaint_seed{seed}")
     mask_file = save_png(mask, out / f"inpaint_seed{seed}_mask.png", {**result.params, "task": "inpaint_mask"})

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from mame_lightning.data.records import Box
-from mame_lightning.pipelines.inputs import InputError, is_dicom
+from mame_lightning.pipelines.inputs import InputError, header_size, is_dicom
 
 OUTLINE_RGB = (255, 40, 40)
 DISPLAY_SIDE = 384  # small model outputs are enlarged (nearest) to about this side for display
@@ -24,16 +24,18 @@ DISPLAY_SIDE = 384  # small model outputs are enlarged (nearest) to about this s
 def image_dimensions(path: Path) -> tuple[int, int]:
     """(width, height) from the header only: DICOM Rows/Columns, or what PIL reads before decoding."""
     if is_dicom(path):
-        from mame_lightning.data.dicom import read_dicom
+        from mame_lightning.data.dicom import DicomError, read_dicom
 
-        ds = read_dicom(path)
+        try:
+            ds = read_dicom(path)
+        except DicomError as exc:  # named by the file the user chose, not the server's temp path
+            raise InputError(f"{path.name}: {exc.reason}") from exc
         return int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
     try:
-        with Image.open(path) as img:
-            return img.size
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{path.name}: image too large to open safely ({exc})") from exc
-    except OSError as exc:
+        return header_size(path)
+    except InputError as exc:  # said with the name the user chose, not the server's temp path
+        if isinstance(exc.__cause__, Image.DecompressionBombError):
+            raise InputError(f"{path.name}: image too large to open safely ({exc.__cause__})") from exc
         raise InputError(f"{path.name}: not an image this app can read (PNG, JPEG, TIFF or DICOM expected)") from exc
 
 

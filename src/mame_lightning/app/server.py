@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,12 +75,10 @@ def make_example(folder: Path, size: int, seed: int = 0) -> Path:
 
 
 def output_root(cfg: DictConfig) -> tuple[Path, bool]:
-    """Where request files go, and whether it is a temporary folder to remove at the end."""
-    if cfg.app.output_dir:
-        root = Path(str(cfg.app.output_dir)).expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        return root, False
-    return Path(tempfile.mkdtemp(prefix="mame_app_")).resolve(), True
+    """The app's own folder for request files (inside app.output_dir), and whether it is temporary."""
+    from mame_lightning.app.storage import app_root
+
+    return app_root(cfg.app.output_dir)
 
 
 def make_context(cfg: DictConfig, root: Path):
@@ -133,8 +132,21 @@ class RunningApp:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (kill, docker stop, systemd) ends the app as Ctrl+C does, so its temporary folder goes too."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve(cfg: DictConfig, *, block: bool = True) -> RunningApp:
     """Load, build and launch; with block=False return at once (tests, notebooks)."""
+    if block:
+        stop_on_sigterm()
     auth = auth_from(cfg)
     host = str(cfg.app.host)
     if host not in LOOPBACK and auth is None:
@@ -162,7 +174,7 @@ def serve(cfg: DictConfig, *, block: bool = True) -> RunningApp:
     except BaseException:
         running.close()
         raise
-    if block:  # launch returned: the server was stopped (Ctrl+C)
+    if block:  # launch returned: the server was stopped (Ctrl+C or SIGTERM)
         running.close()
     return running
 

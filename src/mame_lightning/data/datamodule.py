@@ -62,6 +62,23 @@ def read_metadata(path: str | Path, task: str) -> list[dict]:
     return records
 
 
+def check_listed_files(folder: Path, records: list[dict], metadata_path: Path) -> None:
+    """Every image (and mask) the listing names is on disk: one pass, before anything trains on it."""
+    missing = [record[key] for record in records for key in ("file_name", "mask")
+               if key in record and not (folder / record[key]).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{metadata_path}: {len(missing)} listed file(s) missing from {folder} ({shown}); "
+                                "prepare the set again (python -m mame_lightning.prepare ...) to rebuild it")
+
+
+def check_prepared_files(prepared_dir: str | Path, task: str) -> None:
+    """`check_listed_files` for a prepared set's task folder, when the set exists (else nothing to check yet)."""
+    folder = task_folder(prepared_dir, task)
+    if (folder / "metadata.jsonl").is_file():
+        check_listed_files(folder, read_metadata(folder / "metadata.jsonl", task), folder / "metadata.jsonl")
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """All prompts in one call, padded to the text encoder's length -> LongTensor [N, L]."""
     if not prompts:
@@ -129,6 +146,7 @@ class PreparedImageDataset(Dataset):
             records = [by_id[i] for i in ids]
         if not records:
             raise ValueError(f"{self.metadata_path}: no images to train on")
+        check_listed_files(self.folder, records, self.metadata_path)
         self.records = records
         self.input_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in records])
 

@@ -45,18 +45,37 @@ class DicomError(Exception):
 # reading
 
 
-def read_dicom(path: str | os.PathLike) -> Dataset:
+def read_dicom(path: str | os.PathLike, *, max_pixels: int | None = None, limit_name: str = "max_pixels") -> Dataset:
     """Parse a DICOM file (with or without the 128-byte preamble) and check it holds an image.
 
-    Pixel data is not decoded here; only its presence and, for native syntaxes, its length.
+    Pixel data is not decoded here; only its presence and, for native syntaxes, its length. With
+    `max_pixels`, an image whose header declares more pixels (Rows x Columns x frames) is refused
+    before anything decodes it: a few bytes of RLE can claim gigabytes (`limit_name` names the setting).
     """
     path = Path(path)
     if not path.is_file():
         raise DicomError(path, "file not found")
     ds = _parse(path)
     _ensure_transfer_syntax(ds)
+    if max_pixels:
+        check_pixel_count(ds, path, int(max_pixels), limit_name)
     _check_pixel_data(ds, path)
     return ds
+
+
+def declared_pixels(ds: Dataset) -> tuple[int, int, int]:
+    """(rows, columns, frames) as the header declares them."""
+    frames = _int(ds, "NumberOfFrames") or 1
+    return _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, max(1, frames)
+
+
+def check_pixel_count(ds: Dataset, path: Any, max_pixels: int, limit_name: str = "max_pixels") -> None:
+    rows, columns, frames = declared_pixels(ds)
+    count = rows * columns * frames
+    if count > max_pixels:
+        shape = f"{columns}x{rows}" + (f"x{frames} frames" if frames > 1 else "")
+        raise DicomError(path, f"image too large to decode safely: {shape} is {count / 1e6:.0f} megapixels, above "
+                               f"the limit of {max_pixels / 1e6:g} megapixels ({limit_name})")
 
 
 def _parse(path: Path) -> Dataset:

@@ -15,7 +15,10 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import re
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -67,6 +70,8 @@ def build_settings(dataset: DictConfig, preparation: DictConfig) -> dict:
         "templates": {str(k): str(v) for k, v in plain(dataset.templates).items()},
         "filters": plain(dataset.get("filters")) or {},
         "path_salt": str(preparation.get("path_salt") or ""),
+        "max_pixels": int(preparation.get("max_pixels") or 0),
+        "follow_symlinks": bool(dataset.get("follow_symlinks", False)),
     }
 
 
@@ -146,6 +151,23 @@ def plan_items(records: Iterable[ImageRecord | Rejection], raw_dir: Path, out_di
     return jobs, done
 
 
+def exit_with_parent() -> None:
+    """Worker initializer: end this worker as soon as the process that started it is gone.
+
+    A pool's workers otherwise outlive a parent killed with SIGKILL (nothing closes their queue),
+    and keep the resource tracker alive with them. The parent's sentinel becomes ready when it dies.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_jobs(jobs: list[tuple], num_workers: int, chunk_size: int) -> Iterator[dict]:
     """Outcomes of the jobs, in-process for 0/1 workers, else from spawned worker processes."""
     if num_workers <= 1 or len(jobs) <= 1:
@@ -153,7 +175,8 @@ def run_jobs(jobs: list[tuple], num_workers: int, chunk_size: int) -> Iterator[d
         return
     context = multiprocessing.get_context("spawn")  # no inherited threads, locks or CUDA state
     try:
-        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context) as pool:
+        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context,
+                                 initializer=exit_with_parent) as pool:
             yield from pool.map(run_item, jobs, chunksize=max(1, chunk_size))
     except BrokenProcessPool as err:
         raise RuntimeError(

@@ -9,6 +9,8 @@ a run over twenty thousand.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from mame_lightning.data.tissue import area_class, area_ratio, chest_wall_side, 
 
 # DicomError reasons -> the short kind counted in the report.
 _REJECT_KINDS = (
+    ("too large", "too large"),
     ("file not found", "missing file"),
     ("not a dicom", "not DICOM"),
     ("truncated", "truncated"),
@@ -137,15 +140,36 @@ def _missing(record: ImageRecord, settings: Mapping) -> dict:
     return _drop("rejected", "missing file", "listed in the metadata but missing on disk")
 
 
+def link_problem(raw_dir: Path, path: Path, follow_symlinks: bool) -> tuple[str, str] | None:
+    """(kind, reason) when the file is a symbolic link that must not or cannot be followed."""
+    try:
+        real = Path(os.path.realpath(path, strict=True))
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop", "symbolic link loop: the link leads back to itself and no file is at its end"
+        if path.is_symlink():
+            return "broken symlink", "symbolic link to a file that does not exist"
+        return None  # simply missing: said below
+    if not follow_symlinks and not real.is_relative_to(raw_dir):
+        return ("symlink outside raw_dir", "symbolic link to a file outside raw_dir, not followed "
+                "(dataset.follow_symlinks=true follows such links)")
+    return None
+
+
 def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mapping, item_id: str,
              shown: str) -> dict:
     path = raw_dir / record.source
+    problem = link_problem(raw_dir, path, bool(settings.get("follow_symlinks", False)))
+    if problem:
+        return _drop("rejected", *problem)
+    if path.exists() and not path.is_file():
+        return _drop("rejected", "not a regular file", "not a regular file (a folder, pipe or device)")
     if not path.is_file():
         return _missing(record, settings)
     unlocalised = unlocalised_reason(record)
     if unlocalised:
         return _drop("filtered", *unlocalised)
-    ds = read_dicom(path)
+    ds = read_dicom(path, max_pixels=settings.get("max_pixels"), limit_name="preparation.max_pixels")
     if shown != record.source:
         ds.filename = shown  # what any warning about this file will name
     attrs = merge_attributes(record, image_tags(ds))

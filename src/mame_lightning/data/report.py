@@ -51,8 +51,26 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         raise
 
 
+def printable(value):
+    """Strings as valid Unicode: a file name that is not UTF-8 keeps its odd bytes as `\\xNN` text.
+
+    Such names reach Python with surrogate escapes, which strict JSON readers refuse.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, Mapping):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(printable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
@@ -67,7 +85,8 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
 
 def write_metadata(out_dir: Path, task: str, lines: list[dict]) -> None:
     """``<task>/metadata.jsonl``: one JSON object per kept image, sorted by id."""
-    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in sorted(lines, key=lambda l: l["id"]))
+    text = "".join(json.dumps(printable(line), sort_keys=True) + "\n"
+                   for line in sorted(lines, key=lambda l: l["id"]))
     write_atomic(out_dir / task / "metadata.jsonl", text)
 
 

@@ -28,6 +28,15 @@ NONFINITE_HINT = (
     "likely causes: a learning rate too high (lower optimizer.lr or add lr_warmup_steps), "
     "fp16 overflow (try precision=bf16-mixed), or bad data (NaN/inf pixels or cached latents)"
 )
+# A skipped step is for a rare bad batch; this many in a row, or more than max_skipped_fraction of
+# the steps (counted over at least FRACTION_WINDOW steps), means the run diverged: it stops.
+FRACTION_WINDOW = 100
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss went NaN/inf (nonfinite=stop) or too many steps were skipped (nonfinite=skip)."""
+
+
 # Generator streams keep training and validation draws apart even at the same step/batch.
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
@@ -42,6 +51,15 @@ def step_generator(
     words = np.random.SeedSequence([int(seed), int(stream), int(step), int(batch_idx), int(rank)])
     high, low = (int(w) for w in words.generate_state(2, dtype=np.uint32))
     return torch.Generator(device=device).manual_seed(((high << 32) | low) & (2**63 - 1))
+
+
+def plain_options(options: Mapping | None) -> dict | None:
+    """A mapping from the config (an OmegaConf node) as a plain dict."""
+    if options is None:
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else dict(options)
 
 
 def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
@@ -83,15 +101,21 @@ class Text2ImageModule(L.LightningModule):
         attention_backend: str = "sdpa",
         prior_loss_weight: float = 1.0,
         nonfinite: str = "stop",
+        max_skipped_fraction: float = 0.05,
+        max_consecutive_skipped: int = 10,
         seed: int = 0,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not 0.0 <= max_skipped_fraction < 1.0 or int(max_consecutive_skipped) < 1:
+            raise ValueError("max_skipped_fraction must be in [0, 1) and max_consecutive_skipped at least 1, got "
+                             f"{max_skipped_fraction} and {max_consecutive_skipped}")
         if not (train_unet or train_text_encoder):
             raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        ema = plain_options(ema)  # plain types in the checkpoint: it loads with weights_only=True
         self.save_hyperparameters(ignore=["components", "optimizer"])
         self.components = components
         self.unet = components.unet
@@ -106,7 +130,9 @@ class Text2ImageModule(L.LightningModule):
             self.enable_gradient_checkpointing()
         set_attention_backend(self.unet, attention_backend)
         self.ema = build_ema(self.unet, ema) if train_unet else None
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # micro-batches skipped for a non-finite loss (nonfinite=skip)
+        self.attempted_steps = 0  # micro-batches trained on or skipped
+        self.consecutive_skipped = 0
         self._ema_last_step: int | None = None
         self._micro_step: int | None = None
         self._micro_index = 0
@@ -245,8 +271,10 @@ class Text2ImageModule(L.LightningModule):
         generator = step_generator(self.hparams.seed, self.global_step, micro, self.global_rank, self.device)
         loss = self.compute_loss(batch, generator, self.hparams.prompt_dropout)
         batch_size = len(batch["input_ids"])
+        self.attempted_steps += 1
         if not torch.isfinite(loss):
             return self.nonfinite_loss(loss, batch_idx, batch_size)
+        self.consecutive_skipped = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
@@ -259,11 +287,26 @@ class Text2ImageModule(L.LightningModule):
             f"(batch {batch_idx}); {NONFINITE_HINT}"
         )
         if self.hparams.nonfinite == "stop":
-            raise RuntimeError(message + ". Set task.module.nonfinite=skip to skip such steps instead.")
+            raise TrainingDiverged(message + ". Set task.module.nonfinite=skip to skip such steps instead.")
         self.skipped_steps += 1
+        self.consecutive_skipped += 1
         log.warning("skipping step: %s", message)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=batch_size)
+        self.check_skipped()
         return None
+
+    def check_skipped(self) -> None:
+        """Stop a run that skips more than rare bad batches: it has diverged, its weights are no use."""
+        in_a_row, most = self.consecutive_skipped, int(self.hparams.max_consecutive_skipped)
+        fraction = float(self.hparams.max_skipped_fraction)
+        too_many = self.skipped_steps > fraction * max(self.attempted_steps, FRACTION_WINDOW)
+        if in_a_row >= most or too_many:
+            why = (f"the last {in_a_row} steps were all skipped (task.module.max_consecutive_skipped={most})"
+                   if in_a_row >= most else
+                   f"{self.skipped_steps} of {self.attempted_steps} steps were skipped, more than "
+                   f"task.module.max_skipped_fraction={fraction:g}")
+            raise TrainingDiverged(f"training diverged at global step {self.global_step}: {why} for a non-finite "
+                                   f"loss; {NONFINITE_HINT}")
 
     def validation_step(self, batch: Mapping, batch_idx: int):
         generator = step_generator(self.hparams.seed, 0, batch_idx, self.global_rank, self.device, VAL_STREAM)
@@ -299,11 +342,15 @@ class Text2ImageModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["attempted_steps"] = self.attempted_steps
+        checkpoint["consecutive_skipped"] = self.consecutive_skipped
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self.attempted_steps = int(checkpoint.get("attempted_steps", checkpoint.get("global_step", 0)))
+        self.consecutive_skipped = int(checkpoint.get("consecutive_skipped", 0))
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         elif self.ema is not None:

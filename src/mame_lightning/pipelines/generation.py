@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from mame_lightning.pipelines.loading import LoadedModel
+from mame_lightning.pipelines.loading import LoadedModel, model_label
 
 
 @dataclass
@@ -32,6 +32,30 @@ class GenerationSettings:
     seed: int = 0
     batch_size: int = 1
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse settings no sampler can run, naming the allowed range (before any model is loaded)."""
+        check_range("steps", self.steps, 1, MAX_STEPS, whole=True)
+        check_range("guidance", self.guidance, 0.0, MAX_GUIDANCE,
+                    note="; 0 and 1 sample without classifier-free guidance, 4 is the paper's setting")
+        check_range("seed", self.seed, 0, MAX_SEED, whole=True)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH, whole=True)
+
+
+MAX_STEPS, MAX_GUIDANCE, MAX_SEED, MAX_BATCH = 1000, 100.0, 2**63 - 1, 1024
+
+
+def check_range(name: str, value, low, high, *, whole: bool = False, note: str = "") -> None:
+    """ValueError naming the key and its allowed range when `value` is outside [low, high] (or not whole)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    bad = not (low <= number <= high) or (whole and number != int(number))
+    if bad:
+        kind = "a whole number" if whole else "a number"
+        shown = f"{number:g}" if number == number else repr(value)  # as typed: 4, not 4.0
+        raise ValueError(f"{name}={shown}: use {kind} from {low:g} to {high:g}{note}")
 
 
 @dataclass
@@ -69,7 +93,7 @@ def sampling_params(model: LoadedModel, prompt: str, settings: GenerationSetting
         "guidance": float(settings.guidance),
         "steps": int(settings.steps),
         "scheduler": model.scheduler,
-        "model": model.path,
+        "model": model_label(model.path),  # no absolute path in any output
         "task": model.task,
     }
 
@@ -163,5 +187,5 @@ def inpaint(model: LoadedModel, image: np.ndarray, mask: np.ndarray, prompt: str
     return results
 
 
-__all__ = ["GenerationSettings", "Generated", "image_seeds", "text2image", "inpaint", "keep_outside",
+__all__ = ["GenerationSettings", "Generated", "check_range", "image_seeds", "text2image", "inpaint", "keep_outside",
            "repaint_region", "to_gray_uint8"]

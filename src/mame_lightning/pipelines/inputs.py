@@ -8,6 +8,7 @@ model's size is taken as is, with boxes in its own pixels.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,24 @@ class PreparedInput:
         return int(self.image.shape[0])
 
 
+LABEL_SUFFIXES = DICOM_SUFFIXES | {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def input_label(path: str | Path) -> str:
+    """How outputs name an input file: a short hash of its bytes plus its image suffix.
+
+    Not its path (folders carry patient names) and not even its base name, which clinical exports
+    often build from the patient name, ID or the SOP Instance UID; the hash still matches the file.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    suffix = path.suffix.lower() if path.suffix.lower() in LABEL_SUFFIXES else ""
+    return f"sha256-{digest.hexdigest()[:16]}{suffix}"
+
+
 def is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
@@ -53,32 +72,61 @@ def _prepare(pixels: np.ndarray, size: int, flip: bool, source: str, tags: dict)
     return PreparedInput(apply_image(pixels, geometry), source, geometry, tags)
 
 
-def load_dicom_input(path: Path, size: int) -> PreparedInput:
+def load_dicom_input(path: Path, size: int, max_pixels: int | None = None) -> PreparedInput:
     from mame_lightning.data.dicom import read_dicom, tag_metadata, to_float_image, to_uint8
 
-    ds = read_dicom(path)
+    ds = read_dicom(path, max_pixels=max_pixels)
     tags = tag_metadata(ds)
     laterality = str(tags.get("laterality") or "").upper()
     return _prepare(to_uint8(to_float_image(ds)), size, laterality == "R", str(path), tags)
 
 
-def load_png_input(path: Path, size: int) -> PreparedInput:
+def too_large(path: Path, width: int, height: int, max_pixels: int) -> InputError:
+    return InputError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit of "
+                      f"{max_pixels / 1e6:g} megapixels (max_pixels); refused before decoding")
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, nothing decoded."""
     try:
         with Image.open(path) as img:
-            pixels = np.asarray(img.convert("L"))
+            return img.size
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above any mammogram
+        raise InputError(f"{path}: image too large to open safely ({exc})") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot read image ({exc})") from exc
+
+
+def read_gray(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """An ordinary image file as uint8 gray, its size checked from the header before decoding."""
+    width, height = header_size(path)
+    if max_pixels and width * height > max_pixels:
+        raise too_large(path, width, height, max_pixels)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from exc
+
+
+def load_png_input(path: Path, size: int, max_pixels: int | None = None) -> PreparedInput:
+    pixels = read_gray(path, max_pixels)
     if pixels.shape == (size, size):
         return PreparedInput(pixels.copy(), str(path))
     return _prepare(pixels, size, False, str(path), {})
 
 
-def load_input_image(path: str | Path, size: int) -> PreparedInput:
-    """A DICOM or ordinary image file, prepared to size×size for the inpainting model."""
+def load_input_image(path: str | Path, size: int, max_pixels: int | None = None) -> PreparedInput:
+    """A DICOM or ordinary image file, prepared to size×size for the inpainting model.
+
+    `max_pixels` refuses larger images from their header, before anything is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: input image not found")
-    return load_dicom_input(path, size) if is_dicom(path) else load_png_input(path, size)
+    if is_dicom(path):
+        return load_dicom_input(path, size, max_pixels)
+    return load_png_input(path, size, max_pixels)
 
 
 def parse_box(value) -> Box:
@@ -119,16 +167,17 @@ def load_mask(path: str | Path, prepared: PreparedInput) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: mask file not found")
-    with Image.open(path) as img:
-        mask = np.asarray(img.convert("L"))
     geometry = prepared.geometry
+    shapes = [(prepared.size, prepared.size)] + ([(geometry.height, geometry.width)] if geometry is not None else [])
+    width, height = header_size(path)  # a mask of another size is refused before it is decoded
+    if (height, width) not in shapes:
+        raise InputError(
+            f"{path}: mask is {width}x{height}; expected the prepared image size "
+            f"{prepared.size}x{prepared.size}" + ("" if geometry is None else
+                                                 f" or the original size {geometry.width}x{geometry.height}")
+        )
+    mask = read_gray(path)
     if mask.shape != (prepared.size, prepared.size):
-        if geometry is None or mask.shape != (geometry.height, geometry.width):
-            raise InputError(
-                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}; expected the prepared image size "
-                f"{prepared.size}x{prepared.size}" + ("" if geometry is None else
-                                                     f" or the original size {geometry.width}x{geometry.height}")
-            )
         mask = apply_image(mask, geometry)
     binary = np.where(mask > 127, 255, 0).astype(np.uint8)
     if not binary.any():
@@ -143,5 +192,5 @@ def inpaint_mask(prepared: PreparedInput, *, mask: str | Path | None = None, box
     return load_mask(mask, prepared) if mask is not None else mask_from_box(parse_box(box), prepared)
 
 
-__all__ = ["InputError", "PreparedInput", "load_input_image", "parse_box", "mask_from_box", "load_mask",
+__all__ = ["InputError", "PreparedInput", "header_size", "input_label", "load_input_image", "parse_box", "mask_from_box", "load_mask",
            "inpaint_mask", "is_dicom"]

@@ -65,6 +65,17 @@ class LoadedModel:
         self.scheduler = name
 
 
+def model_label(path: str | Path) -> str:
+    """How outputs name a model: the last parts of its path, never an absolute path.
+
+    `/home/me/runs/siemens/export` -> `siemens/export`; a checkpoint keeps its run folder too
+    (`siemens/checkpoints/last.ckpt`).
+    """
+    path = Path(str(path))
+    parts = [part for part in path.parts if part not in (path.anchor, "", ".", "..")]
+    return "/".join(parts[-(3 if path.suffix == ".ckpt" else 2):])
+
+
 HOW_TO_GET_A_MODEL = (
     "Generation needs an exported diffusers folder or a training checkpoint: train one with "
     "`python -m mame_lightning.train` (the run writes <run dir>/export), or export a checkpoint with "
@@ -180,6 +191,6 @@ def load_model(path: str | Path | None, *, device: str | None = "auto", dtype: s
 
 
 __all__ = [
-    "LoadedModel", "ModelNotFoundError", "SCHEDULERS", "DEFAULT_SCHEDULER", "load_model", "load_folder",
+    "LoadedModel", "ModelNotFoundError", "SCHEDULERS", "DEFAULT_SCHEDULER", "load_model", "load_folder", "model_label",
     "make_scheduler", "read_metadata", "detect_task", "resolve_device", "resolve_dtype", "missing_model_message",
 ]
