@@ -49,8 +49,8 @@ def block_lines(block: str) -> list[str]:
 
 def parse(text: str, line: int) -> Command | None:
     words = shlex.split(text, comments=True)
-    if len(words) < 3 or words[:2] != ["python", "-m"] or not words[2].startswith("mame_lightning."):
-        return None
+    if len(words) < 3 or words[:2] != ["python", "-m"] or not re.fullmatch(r"mame_lightning(\.\w+)+", words[2]):
+        return None  # not a command (or a pattern such as mame_lightning.<name>)
     return Command(line, text.strip(), words[2], tuple(words[3:]))
 
 

@@ -27,6 +27,7 @@ def test_prepare_names_a_missing_raw_dir_in_one_line(tmp_path):
 
 def test_train_names_a_missing_prepared_dir_without_a_traceback(tmp_path):
     proc = cli(tmp_path, "train", "dataset=folder", f"dataset.prepared_dir={tmp_path / 'nowhere'}",
+               "trainer.accelerator=cpu", "precision=32-true",
                f"hydra.run.dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"error: Prepared set not found: {tmp_path / 'nowhere'}" in proc.stderr
@@ -49,7 +50,8 @@ def test_missing_images_are_found_before_the_model_is_built(tmp_path, monkeypatc
     monkeypatch.setattr(training, "build_components", no_model)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"run_dir={tmp_path / 'run'}", f"paths.root={tmp_path}", "dataset=folder",
-                                          f"dataset.prepared_dir={prepared}"])
+                                          f"dataset.prepared_dir={prepared}", "trainer.accelerator=cpu",
+                                          "precision=32-true"])
     with pytest.raises(FileNotFoundError, match=rf"1 listed file\(s\) missing .*{lost.name}"):
         training.train(cfg)
 

@@ -152,11 +152,13 @@ def first_use_preparation(cfg: DictConfig):
 
 
 def check_data(cfg: DictConfig) -> None:
-    """The prepared set's listing against its files, before any model is built (when the set exists)."""
+    """The prepared set and its listed files, before any model is built (a self-preparing set may be absent)."""
     from mame_lightning.data.datamodule import check_prepared_files
 
     if cfg.get("datamodule") and cfg.datamodule.get("prepared_dir"):
-        check_prepared_files(cfg.datamodule.prepared_dir, cfg.datamodule.get("task") or cfg.task.data_task)
+        check_prepared_files(cfg.datamodule.prepared_dir, cfg.datamodule.get("task") or cfg.task.data_task,
+                             dataset_name=cfg.dataset.get("name"),
+                             can_prepare=bool(cfg.dataset.get("prepare_on_first_use")))
 
 
 def build_datamodule(cfg: DictConfig, components):

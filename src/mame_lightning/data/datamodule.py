@@ -72,11 +72,24 @@ def check_listed_files(folder: Path, records: list[dict], metadata_path: Path) -
                                 "prepare the set again (python -m mame_lightning.prepare ...) to rebuild it")
 
 
-def check_prepared_files(prepared_dir: str | Path, task: str) -> None:
-    """`check_listed_files` for a prepared set's task folder, when the set exists (else nothing to check yet)."""
+def missing_set_error(prepared_dir: str | Path, task: str, dataset_name: str | None) -> FileNotFoundError:
+    """The one-line-plus-command error for a prepared set that is not there."""
+    command = PREPARE_COMMAND.format(name=dataset_name or "<name>", prepared_dir=prepared_dir)
+    return FileNotFoundError(
+        f"Prepared set not found: {task_folder(prepared_dir, task) / 'metadata.jsonl'} does not exist "
+        f"(prepared_dir={prepared_dir}). Prepare it first with:\n  {command}"
+    )
+
+
+def check_prepared_files(prepared_dir: str | Path, task: str, dataset_name: str | None = None,
+                         can_prepare: bool = True) -> None:
+    """`check_listed_files` for a prepared set's task folder. A missing set is an error unless the
+    dataset prepares itself on first use (`can_prepare`)."""
     folder = task_folder(prepared_dir, task)
     if (folder / "metadata.jsonl").is_file():
         check_listed_files(folder, read_metadata(folder / "metadata.jsonl", task), folder / "metadata.jsonl")
+    elif not can_prepare:
+        raise missing_set_error(prepared_dir, task, dataset_name)
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -287,13 +300,7 @@ class PreparedDataModule(lightning.LightningDataModule):
         return bool(self.latent_cache_options["enabled"])
 
     def missing_error(self) -> FileNotFoundError:
-        command = PREPARE_COMMAND.format(
-            name=self.dataset_name or "<name>", prepared_dir=self.prepared_dir
-        )
-        return FileNotFoundError(
-            f"Prepared set not found: {self.metadata_path} does not exist "
-            f"(prepared_dir={self.prepared_dir}). Prepare it first with:\n  {command}"
-        )
+        return missing_set_error(self.prepared_dir, self.task, self.dataset_name)
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def prepare_data(self) -> None:
