@@ -68,9 +68,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return str(path)
     if cfg.get("resume") == "auto":
         last = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            log.info("resume=auto: continuing from %s", last)
-            return str(last)
+        # a requeued SLURM job also has Lightning's hpc_ckpt_<n>.ckpt: the newest one wins
+        candidates = [p for p in [last, *run_dir_of(cfg).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if candidates:
+            newest = max(candidates, key=lambda p: p.stat().st_mtime)
+            log.info("resume=auto: continuing from %s", newest)
+            return str(newest)
         log.info("resume=auto: no %s yet, starting fresh", last)
     elif cfg.get("resume") not in (None, "auto"):
         raise ValueError(f"resume must be null or 'auto', got {cfg.resume!r}")
@@ -134,6 +137,18 @@ def _final_metric(trainer: L.Trainer, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
+def optimized_metric(trainer: L.Trainer, cfg: DictConfig) -> dict | None:
+    """The value a sweeper (Optuna) optimises: `optimized_metric` as the run last logged it."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = _final_metric(trainer, name)
+    if value is None:
+        log.warning("optimized_metric=%s was not logged by this run (logged: %s)", name,
+                    ", ".join(sorted(trainer.callback_metrics)) or "nothing")
+    return {"name": name, "value": value}
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit one run described by `cfg`; returns the result record also written to result.json."""
     check_hardware(cfg)
@@ -158,12 +173,14 @@ def train(cfg: DictConfig) -> dict:
         "run_dir": str(run_dir),
         "task": cfg.task.name,
         "global_step": int(trainer.global_step),
+        "world_size": int(trainer.world_size),
         # micro-batches consumed: global_step × accumulate_grad_batches for a completed run
         "micro_batches": int(trainer.fit_loop.epoch_loop.batch_progress.total.completed),
         "train_loss": _final_metric(trainer, "train/loss"),
         "val_loss": _final_metric(trainer, "val/loss"),
         "seconds": round(time.time() - started, 2),
         "interrupted": bool(trainer.interrupted),
+        "optimized_metric": optimized_metric(trainer, cfg),
     }
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
