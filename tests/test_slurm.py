@@ -75,7 +75,8 @@ def test_srun_two_tasks_with_slurm_ddp_gives_the_weights_of_two_process_ddp(slur
     common = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2", "trainer.deterministic=true",
               "callbacks.sample_grid=null"]
     under_slurm = tmp_path / "srun"
-    cmd = ["srun", "-n", "2", "--cpus-per-task=1", "--mem=1G", "--time=10", "--kill-on-bad-exit=1",
+    # Lightning asks for --ntasks-per-node (it refuses a bare -n/--ntasks)
+    cmd = ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=1G", "--time=10", "--kill-on-bad-exit=1",
            *train_command(root, prepared, ["trainer=slurm_ddp", *common, f"hydra.run.dir={under_slurm}"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=job_env())
     assert proc.returncode == 0, output_of(proc)
@@ -111,7 +112,7 @@ def _wait_for(path: Path, job_id: str, cluster, timeout: float) -> None:
 
 def test_usr1_checkpoints_requeues_and_the_requeued_job_ends_with_uninterrupted_weights(slurm_cluster, root,
                                                                                         prepared, tmp_path):
-    common = ["trainer.accelerator=cpu", "precision=32-true", "trainer.max_steps=30", "trainer.deterministic=true",
+    common = ["trainer.accelerator=cpu", "precision=32-true", "trainer.max_steps=20", "trainer.deterministic=true",
               "callbacks.sample_grid=null", "trainer.val_check_interval=100"]
     outputs = root / "outputs" / "train"
     straight = _submit_template(slurm_cluster, root, prepared, "straight", common, tmp_path / "straight.out")
@@ -121,13 +122,14 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_ends_with_uninterrupted_
     _wait_for(run_dir / "checkpoints" / "step-000002.ckpt", preempted, slurm_cluster, timeout=300)
     slurm_cluster.run("scancel", "--signal=USR1", preempted)
     deadline = time.time() + 120
-    while slurm_cluster.job(preempted).get("Restarts") != "1":
-        assert time.time() < deadline, f"not requeued: {slurm_cluster.job(preempted)}\n{(tmp_path / 'preempted.out').read_text()}"
+    while (info := slurm_cluster.job(preempted)).get("Restarts") != "1" or info.get("JobState") != "PENDING":
+        assert time.time() < deadline, f"not requeued: {info}\n{(tmp_path / 'preempted.out').read_text()}"
         time.sleep(0.3)
     hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
     assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], "Lightning saved its requeue checkpoint"
     assert not (run_dir / "result.json").exists(), "the preempted run did not finish"
-    # a requeued job waits (BeginTime) before it may start again; let it start now
+    # a requeued job waits (Reason=BeginTime, about two minutes) before it may start again: start it now
+    assert info.get("Reason") == "BeginTime", info
     slurm_cluster.run("scontrol", "update", f"JobId={preempted}", "StartTime=now")
 
     for job_id in (straight, preempted):
@@ -135,7 +137,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_ends_with_uninterrupted_
         assert info["JobState"] == "COMPLETED", f"{info}\n{(tmp_path / 'preempted.out').read_text()[-3000:]}"
     log = (tmp_path / "preempted.out").read_text()
     assert "(restart 1)" in log and "Restored all states from the checkpoint" in log
-    assert json.loads((run_dir / "result.json").read_text())["global_step"] == 30
+    assert json.loads((run_dir / "result.json").read_text())["global_step"] == 20
     worst = worst_difference(export_weights(outputs / "straight" / "export"), export_weights(run_dir / "export"))
     assert worst <= 1e-6, f"requeued weights differ from the uninterrupted run by {worst}"
 
