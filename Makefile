@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo app chromium bench bench-prepare clean
+.PHONY: setup test test-fast demo app chromium slurm bench bench-prepare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,11 @@ setup: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium unavailable: browser tests will skip"
 
-test: $(STAMP) chromium
+# The cluster tests start a one-node SLURM (munged, slurmctld, slurmd) as root; without it they skip.
+slurm:
+	@(command -v slurmctld >/dev/null && command -v munged >/dev/null) || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq slurm-wlm munge) || echo "slurm-wlm/munge unavailable: SLURM tests will skip"
+
+test: $(STAMP) chromium slurm
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

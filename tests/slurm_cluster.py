@@ -54,6 +54,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # never a process group or "every process"
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,7 +74,7 @@ def _cmdline(pid: int) -> str:
 
 def _stop_pid(pid: int, marker: str, timeout: float = 15.0) -> None:
     """SIGTERM (then SIGKILL) a daemon, only while its command line still names our config."""
-    if not _alive(pid) or marker not in _cmdline(pid):
+    if pid <= 0 or not _alive(pid) or marker not in _cmdline(pid):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.time() + timeout
@@ -197,7 +199,7 @@ def _cancel_all_jobs(conf: Path, timeout: float = 20) -> None:
 
 def _stop_recorded(state: dict) -> None:
     marker = state["root"]
-    if _alive(state["pids"].get("slurmctld", -1)):
+    if _alive(int(state["pids"].get("slurmctld", 0))):
         try:
             _cancel_all_jobs(Path(state["conf"]))
         except (OSError, subprocess.SubprocessError):
@@ -217,7 +219,7 @@ def stop_stale_sessions() -> None:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if state.get("session_pid") != os.getpid() and _alive(int(state.get("session_pid", -1))):
+        if state.get("session_pid") != os.getpid() and _alive(int(state.get("session_pid", 0))):
             continue  # another live session owns it
         _stop_recorded(state)
         path.unlink(missing_ok=True)

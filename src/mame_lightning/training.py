@@ -184,9 +184,21 @@ def train(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
-            result["export_dir"] = str(export_run(cfg, module, datamodule, run_dir / "export"))
+            if weights_sharded(trainer):
+                log.info("export: FSDP keeps a shard of the weights on each rank; export the consolidated "
+                         "checkpoint with: python -m mame_lightning.export ckpt=%s",
+                         run_dir / "checkpoints" / "last.ckpt")
+            else:
+                result["export_dir"] = str(export_run(cfg, module, datamodule, run_dir / "export"))
         _write_json(run_dir / "result.json", result)
     return result
+
+
+def weights_sharded(trainer: L.Trainer) -> bool:
+    """FSDP: each rank holds a shard, so rank 0 cannot save the module alone (its checkpoints are full)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def export_run(cfg: DictConfig, module, datamodule, out_dir: Path) -> Path:

@@ -89,6 +89,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def job_gpus(gpus: Sequence[str], per_job: int, width: int, job_num: int) -> list[str]:
+    """The GPUs of job `job_num` when `width` jobs run at once: consecutive jobs get disjoint groups."""
+    slot = job_num % width
+    return list(gpus[slot * per_job:(slot + 1) * per_job])
+
+
 class LocalParallelLauncher(submitit_launcher.LocalLauncher):
     """submitit's local launcher, one GPU group per job and at most one job per group at a time."""
 
@@ -118,7 +124,5 @@ class LocalParallelLauncher(submitit_launcher.LocalLauncher):
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict) -> JobReturn:
         if self.gpus:  # runs in the job's process, before CUDA is initialised
-            slot = job_num % self.width
-            mine = self.gpus[slot * self.gpus_per_job:(slot + 1) * self.gpus_per_job]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(job_gpus(self.gpus, self.gpus_per_job, self.width, job_num))
         return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
