@@ -150,3 +150,33 @@ def test_optuna_search_runs_its_trials_as_slurm_jobs(slurm_cluster, root, prepar
     rows = check_optuna_search(sweep, 4)
     arrays = {r["slurm_job_id"].split("_")[0] for r in rows}
     assert len(arrays) == 2, "two batches of two trials, one job array each"
+
+
+def test_a_preempted_sweep_job_is_requeued_by_lightning_and_the_sweep_still_ends_ok(slurm_cluster, root, prepared,
+                                                                                    tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = train_command(root, prepared, ["-m", *SLURM_JOB, "optimizer.lr=1e-3", "trainer.max_steps=20",
+                                         "trainer.val_check_interval=100", "callbacks.sample_grid=null",
+                                         "export=false", f"hydra.sweep.dir={sweep}"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env())
+    try:
+        deadline = time.time() + 300
+        while not (sweep / "0" / "checkpoints" / "step-000002.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the sweep job did not reach step 2"
+            time.sleep(0.2)
+        job_id = yaml.safe_load((sweep / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"]
+        slurm_cluster.run("scancel", "--signal=USR1", job_id)
+        while (info := slurm_cluster.job(job_id)).get("Restarts") != "1" or info.get("JobState") != "PENDING":
+            assert time.time() < deadline, f"not requeued: {info}"
+            time.sleep(0.3)
+        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    (row,) = summary_rows(sweep)
+    assert row["status"] == "ok" and row["global_step"] == 20 and row["slurm_job_id"] == job_id
+    assert (sweep / "0" / "hpc_ckpt_1.ckpt").is_file()
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
+    assert "Restored all states from the checkpoint" in logs and "hpc_ckpt_1.ckpt" in logs
