@@ -135,18 +135,34 @@ def test_summary_command_lists_jobs_that_left_no_record(tmp_path, capsys):
     assert "holds no multirun jobs" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster_root")
+    return root, prepare_small_synthetic(root)
+
+
 @pytest.mark.slow
-def test_optuna_search_through_the_local_parallel_launcher(tmp_path):
-    root = tmp_path / "root"
-    prepared = prepare_small_synthetic(root)
+def test_a_four_trial_optuna_search_returns_what_each_trial_logged(small_set, tmp_path):
     sweep = tmp_path / "search"
-    proc = run_entry(root, prepared, ["hparams_search=optuna_lr", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
-                                      "hydra/launcher=local_parallel", "hydra.launcher.gpus_per_job=0",
-                                      "hydra.launcher.max_parallel=2", *TINY, f"hydra.sweep.dir={sweep}"],
-                     fixed_lr=False)
+    proc = run_entry(*small_set, ["hparams_search=optuna_lr", "hydra.sweeper.n_trials=4", *TINY,
+                                  f"hydra.sweep.dir={sweep}"], fixed_lr=False)
     assert proc.returncode == 0, output_of(proc)
     check_optuna_search(sweep, 4)
-    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4, "each trial ran as a submitit local job"
-    again = subprocess.run([sys.executable, "-m", "mame_lightning.sweep", "--help"], capture_output=True, text=True,
-                           env=job_env(), timeout=60)
-    assert again.returncode == 0 and "multirun folder" in again.stdout
+
+
+@pytest.mark.slow
+def test_local_parallel_launcher_runs_jobs_side_by_side_as_submitit_jobs(small_set, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_entry(*small_set, ["-m", "hydra/launcher=local_parallel", "hydra.launcher.gpus_per_job=0",
+                                  "hydra.launcher.max_parallel=2", "optimizer.lr=1e-3,1e-4", *TINY,
+                                  f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, output_of(proc)
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [(r["status"], r["global_step"]) for r in rows] == [("ok", 2), ("ok", 2)]
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2, "each job ran as a submitit local job"
+    spans = [((sweep / str(n) / ".hydra").stat().st_mtime, (sweep / str(n) / "result.json").stat().st_mtime)
+             for n in (0, 1)]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], f"the two jobs ran one after the other: {spans}"
+    helped = subprocess.run([sys.executable, "-m", "mame_lightning.sweep", "--help"], capture_output=True, text=True,
+                            env=job_env(), timeout=60)
+    assert helped.returncode == 0 and "multirun folder" in helped.stdout

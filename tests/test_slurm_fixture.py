@@ -11,7 +11,12 @@ import slurm_cluster as cluster_lib
 
 
 def _sleeper(marker: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", marker])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", marker])
+    deadline = time.time() + 30
+    while marker not in cluster_lib._cmdline(proc.pid):  # until exec has replaced the forked test process
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return proc
 
 
 def test_stale_sessions_lose_their_daemons_and_nothing_else(tmp_path, monkeypatch):

@@ -47,8 +47,11 @@ def expected_jobs(config: DictConfig) -> int | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    try:
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    except Exception:  # the sweeper itself reports what it cannot sweep; the end of the multirun summarises
+        return None
 
 
 def _slurm_job_id() -> str | None:
