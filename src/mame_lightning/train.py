@@ -4,8 +4,9 @@ Composes conf/train.yaml with the command-line overrides and hands it to
 `mame_lightning.training.train`. A real dataset (vindr, omi_h, fusion, folder) trains MAM-E's recipe
 for that dataset × task (conf/recipe/); the synthetic default trains the tiny model on CPU.
 `name=NAME` keeps the run in outputs/train/NAME, so `name=NAME resume=auto` continues it. `-m`
-runs a sweep (each job in its own folder) and writes a summary table at the end. Add your own
-config folder with `--config-dir DIR`.
+runs a sweep (each job in its own folder) and writes a summary table at the end; the value returned
+to the sweeper is the run's `optimized_metric` (val/loss by default), so `hparams_search=optuna_lr`
+searches with Optuna. Add your own config folder with `--config-dir DIR`.
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ def main(cfg: DictConfig) -> float | None:
     from mame_lightning.training import HardwareError, train
 
     try:
-        return train(cfg)
+        result = train(cfg)
     except (TrainingDiverged, CheckpointError, FileNotFoundError, HardwareError) as exc:
         if _in_multirun():
             raise  # Hydra records the job as failed and the sweep goes on to its summary
         raise SystemExit(f"error: {exc}") from None  # one line naming the problem, exit status 1
+    # what a sweeper optimises (Optuna): the run's `optimized_metric`; result.json keeps the whole record
+    metric = result.get("optimized_metric")
+    return metric["value"] if metric else None
 
 
 def _in_multirun() -> bool:

@@ -80,15 +80,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return str(check_checkpoint(path))
     if cfg.get("resume") == "auto":
         last = run_dir_of(cfg) / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        # a requeued SLURM job also has Lightning's hpc_ckpt_<n>.ckpt: the newest one wins
+        candidates = [p for p in [last, *run_dir_of(cfg).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if candidates:
+            newest = max(candidates, key=lambda p: p.stat().st_mtime)
             try:
-                check_checkpoint(last)
+                check_checkpoint(newest)
             except CheckpointError as exc:
                 raise CheckpointError(f"resume=auto: {exc}. Resume from another checkpoint with "
                                       f"ckpt_path=FILE (e.g. one of {last.parent}/step-*.ckpt), or remove "
-                                      f"{last} to start fresh") from exc
-            log.info("resume=auto: continuing from %s", last)
-            return str(last)
+                                      f"{newest} to start fresh") from exc
+            log.info("resume=auto: continuing from %s", newest)
+            return str(newest)
         log.info("resume=auto: no %s yet, starting fresh", last)
     elif cfg.get("resume") not in (None, "auto"):
         raise ValueError(f"resume must be null or 'auto', got {cfg.resume!r}")
@@ -177,6 +180,18 @@ def _final_metric(trainer: L.Trainer, key: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def optimized_metric(trainer: L.Trainer, cfg: DictConfig) -> dict | None:
+    """The value a sweeper (Optuna) optimises: `optimized_metric` as the run last logged it."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = _final_metric(trainer, name)
+    if value is None:
+        log.warning("optimized_metric=%s was not logged by this run (logged: %s)", name,
+                    ", ".join(sorted(trainer.callback_metrics)) or "nothing")
+    return {"name": name, "value": value}
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit one run described by `cfg`; returns the result record also written to result.json."""
     check_hardware(cfg)
@@ -222,9 +237,15 @@ def train(cfg: DictConfig) -> dict:
     result = run_result(trainer, module, run_dir, cfg, started, status=status)
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
-            folder = export_run(cfg, module, datamodule, run_dir / "export", metrics=card_metrics(trainer))
-            result["export_dir"] = str(folder)
-            if hub_token:
+            if weights_sharded(trainer):
+                log.info("export: FSDP keeps a shard of the weights on each rank; export the consolidated "
+                         "checkpoint with: python -m mame_lightning.export ckpt=%s",
+                         run_dir / "checkpoints" / "last.ckpt")
+                folder = None
+            else:
+                folder = export_run(cfg, module, datamodule, run_dir / "export", metrics=card_metrics(trainer))
+                result["export_dir"] = str(folder)
+            if hub_token and folder:
                 result["hub_url"] = push_folder(folder, cfg.export.push_to_hub,
                                                 private=bool(cfg.export.get("private", True)), token=hub_token)
         _write_json(run_dir / "result.json", result)
@@ -239,6 +260,7 @@ def run_result(trainer: L.Trainer, module, run_dir: Path, cfg: DictConfig, start
         "task": cfg.task.name,
         "status": status,
         "global_step": int(trainer.global_step),
+        "world_size": int(trainer.world_size),
         # micro-batches consumed: global_step × accumulate_grad_batches for a completed run
         "micro_batches": int(trainer.fit_loop.epoch_loop.batch_progress.total.completed),
         "train_loss": _final_metric(trainer, "train/loss"),
@@ -246,6 +268,7 @@ def run_result(trainer: L.Trainer, module, run_dir: Path, cfg: DictConfig, start
         "skipped_steps": int(getattr(module, "skipped_steps", 0)),
         "seconds": round(time.time() - started, 2),
         "interrupted": bool(trainer.interrupted),
+        "optimized_metric": optimized_metric(trainer, cfg),
     }
     if reason:
         result["reason"] = reason
@@ -267,6 +290,16 @@ def card_metrics(trainer: L.Trainer) -> dict:
         if key.startswith(("train/", "val/")) and key != "train/lr":
             metrics[key] = float(value)
     return metrics
+
+
+def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict | None = None) -> Path:
+
+
+def weights_sharded(trainer: L.Trainer) -> bool:
+    """FSDP: each rank holds a shard, so rank 0 cannot save the module alone (its checkpoints are full)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict | None = None) -> Path:
