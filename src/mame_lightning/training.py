@@ -292,9 +292,6 @@ def card_metrics(trainer: L.Trainer) -> dict:
     return metrics
 
 
-def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict | None = None) -> Path:
-
-
 def weights_sharded(trainer: L.Trainer) -> bool:
     """FSDP: each rank holds a shard, so rank 0 cannot save the module alone (its checkpoints are full)."""
     from lightning.pytorch.strategies import FSDPStrategy
