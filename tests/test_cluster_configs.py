@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -109,9 +110,9 @@ def test_resume_auto_takes_the_newest_of_last_and_lightnings_requeue_checkpoint(
     assert resolve_ckpt_path(cfg) is None
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    last.write_bytes(b"x")
+    torch.save({"state_dict": {}, "global_step": 1}, last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"x")
+    torch.save({"state_dict": {}, "global_step": 2}, hpc)
     os.utime(last, (1000, 1000))
     os.utime(hpc, (2000, 2000))
     assert resolve_ckpt_path(cfg) == str(hpc)

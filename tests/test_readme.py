@@ -189,6 +189,20 @@ def check_app(command: Command, args: list[str], world: dict, work: Path) -> Non
             proc.wait()
 
 
+def check_sweep_summary(command: Command, world: dict, work: Path) -> None:
+    """MULTIRUN_DIR: a real two-job tiny multirun, its summary removed; the command writes it again."""
+    assert command.args == ("MULTIRUN_DIR",), command
+    sweep = work / "multirun"
+    run(["mame_lightning.train", "-m", *fast(command, FAST["mame_lightning.train"]), "trainer.max_steps=1,2",
+         "callbacks.sample_grid=null", "export=false", f"hydra.sweep.dir={sweep}"], world, work)
+    before = (sweep / "sweep_summary.md").read_text()
+    for name in ("sweep_summary.md", "sweep_summary.csv", "sweep_summary.json"):
+        (sweep / name).unlink(missing_ok=True)
+    run([command.module, str(sweep)], world, work)
+    summary = (sweep / "sweep_summary.md").read_text()
+    assert summary == before and "trainer.max_steps=1" in summary and "trainer.max_steps=2" in summary
+
+
 def check_outputs(command: Command, args: list[str], proc: subprocess.CompletedProcess, world: dict,
                   work: Path) -> None:
     """What each entry point promises to leave behind."""
@@ -230,6 +244,9 @@ def test_readme_command_runs(command, world, tmp_path):
         return
     if command.module == "mame_lightning.app":
         check_app(command, args, world, work)
+        return
+    if command.module == "mame_lightning.sweep":
+        check_sweep_summary(command, world, work)
         return
     extra = fast(command, FAST.get(command.module, []))
     if command.module == "mame_lightning.train":
