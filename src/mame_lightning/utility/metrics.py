@@ -34,7 +34,7 @@ def sensitivity_at_specificity(probs, labels, specificity: float = 0.9) -> tuple
 def bootstrap_auroc_ci(prob_rows, labels, n_resamples: int = 1000, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile CI of the mean AUROC over the rows of `prob_rows` (seeds × cases)."""
-    rows = torch.as_tensor(prob_rows).float().reshape(-1, len(labels))
+    rows = torch.stack([torch.as_tensor(row).float().reshape(-1) for row in prob_rows])
     targets = _targets(labels)
     positives, negatives = torch.nonzero(targets == 1)[:, 0], torch.nonzero(targets == 0)[:, 0]
     if len(positives) == 0 or len(negatives) == 0:

@@ -20,6 +20,15 @@ from mame_lightning.data.tissue import tissue_mask
 METHODS = ("gradcam", "occlusion")
 
 
+def scale_each(maps: torch.Tensor) -> torch.Tensor:
+    """Each B×C×H×W map to [0, 1] with its maximum at 1 (MONAI's default post-processing maps the
+    maximum to 0, which would turn "peak" into "least important")."""
+    flat = maps.reshape(maps.shape[0], -1)
+    low, high = flat.min(1).values, flat.max(1).values
+    scale = torch.where(high > low, high - low, torch.ones_like(high))
+    return (maps - low.view(-1, 1, 1, 1)) / scale.view(-1, 1, 1, 1)
+
+
 def saliency_maps(module, images: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
                   batch_size: int = 32, mask_size: int = 8, overlap: float = 0.6) -> np.ndarray:
     """N×H×W saliency (higher = more important for the lesion logit) for N×1×H×W images."""
@@ -29,13 +38,16 @@ def saliency_maps(module, images: torch.Tensor, method: str = "gradcam", target_
     if len(images) == 0:
         return np.zeros((0, *images.shape[2:]), np.float32)
     if method == "gradcam":
-        cam = GradCAM(nn_module=module.network, target_layers=target_layer)
+        cam = GradCAM(nn_module=module.network, target_layers=target_layer, postprocessing=scale_each)
         maps = [cam(images[i:i + batch_size], class_idx=0)[:, 0] for i in range(0, len(images), batch_size)]
         return torch.cat(maps).detach().float().numpy()
     occlusion = OcclusionSensitivity(nn_module=module.network, mask_size=mask_size, n_batch=batch_size,
                                      overlap=overlap, verbose=False)
+    maps = []
     with torch.no_grad():
-        maps = [-occlusion(images[i:i + 1])[0][0, 0, ..., 0] for i in range(len(images))]
+        for i in range(len(images)):
+            probability = occlusion(images[i:i + 1])[0][0, 0]  # H×W (H×W×classes in some versions)
+            maps.append(-(probability[..., 0] if probability.ndim == images.ndim - 1 else probability))
     return torch.stack(maps).float().numpy()
 
 
