@@ -19,16 +19,14 @@ from mame_lightning.utility.metrics import auroc, bootstrap_auroc_ci, sensitivit
 from mame_lightning.utility.saliency import chance_level, localisation, peak, peak_in_boxes, saliency_maps
 from mame_lightning.utility.split import real_samples, split_by_group, split_counts
 from mame_lightning.utility.synthesis import SynthesisSettings, generate_synthetic, part_jobs, synthetic_samples
-from train_helpers import prepare_small_synthetic
-from utility_helpers import crafted_set, one_torch_thread, utility_config  # noqa: F401 - fixture
+from utility_helpers import crafted_set, one_torch_thread, utility_config, utility_prepared  # noqa: F401
 
 FRACTIONS = {"train": 0.6, "val": 0.15, "test": 0.25}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """The small phantom set through the real preparation (VinDr and OMI-DB folder layouts)."""
-    return prepare_small_synthetic(tmp_path_factory.mktemp("utility_data"))
+@pytest.fixture
+def prepared(utility_prepared):
+    return utility_prepared
 
 
 # ---------------------------------------------------------------- split

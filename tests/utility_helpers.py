@@ -41,6 +41,14 @@ def crafted_set(n: int, size: int = 32, seed: int = 0, side: int = 8) -> ImageSe
     return ImageSet(images, labels, samples, boxes)
 
 
+@pytest.fixture(scope="session")
+def utility_prepared(tmp_path_factory):
+    """The small phantom set through the real preparation (VinDr and OMI-DB folder layouts), once."""
+    from train_helpers import prepare_small_synthetic
+
+    return prepare_small_synthetic(tmp_path_factory.mktemp("utility_data"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     before = torch.get_num_threads()

@@ -26,7 +26,7 @@ def check_model_folder(path, task: str, key: str) -> Path:
     except (ModelNotFoundError, ValueError) as error:
         raise UtilityError(f"{key}={folder}: {error}") from error
     if found != task:
-        raise UtilityError(f"{key}={folder} holds a {found} model, but {key} needs a {task} model")
+        raise UtilityError(f"{key}={folder} holds a model of task {found!r}, but {key} needs task {task!r}")
     return folder
 
 

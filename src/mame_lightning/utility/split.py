@@ -101,7 +101,8 @@ def split_by_group(samples: list[Sample], fractions, seed: int = 0, min_per_clas
                 raise UtilityError(
                     f"{where}: {len(by_group)} studies ({len(kinds[LESION])} with lesions) are too few for the "
                     f"{'/'.join(f'{fractions[s]:g}' for s in SPLITS)} train/val/test split: {name} gets {count} "
-                    f"{what} image(s), split.min_per_class={min_per_class}; add data or change split.fractions")
+                    f"{what} image(s), split.min_per_class={min_per_class}; add data or change split.fractions "
+                    "(a study is the folder a source file sits in, or a metadata field of split.group_keys)")
     return {name: sorted(sides[name], key=lambda s: (s.label, s.id)) for name in SPLITS}
 
 
