@@ -8,6 +8,7 @@ meaning: conf/utility.yaml (`--help` lists them).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,8 @@ def main(cfg: DictConfig) -> None:
     from mame_lightning.utility.checks import UtilityError
     from mame_lightning.utility.study import run
 
+    # Lightning sets its own INFO level on import: one line per stage, not its banner for every run.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         result = run(cfg)
     except (UtilityError, ModelNotFoundError) as error:

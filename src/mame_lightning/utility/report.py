@@ -103,7 +103,7 @@ def markdown(result: dict) -> str:
              f"Real test split: {split['test']['lesion']} lesion and {split['test']['healthy']} healthy images "
              f"from {split['test']['studies']} studies (train {split['train']['images']}, "
              f"val {split['val']['images']}); seeds {result['settings']['seeds']}; "
-             f"{result['synthesis']['n']} synthetic lesion images + as many healthy controls.", "",
+             f"{result['synthesis']['n']} synthetic lesion images and as many healthy originals.", "",
              markdown_table(header, rows).rstrip(), "",
              "Cells are mean ± standard deviation over seeds; the CI is a stratified bootstrap "
              f"({result['settings']['bootstrap']} resamples of the test images) of the seed-mean AUROC. "
