@@ -199,6 +199,19 @@ def test_equal_steps_whatever_the_training_set_size(tmp_path):
     assert small.steps == large.steps == 3
 
 
+def test_best_val_selection_keeps_the_checkpointed_weights(tmp_path):
+    cfg = _cfg(tmp_path, steps=4)
+    cfg.classifier.select, cfg.classifier.val_every = "best_val", 2
+    fitted = fit_classifier(cfg, crafted_set(32), crafted_set(16, seed=1), seed=0, run_dir=tmp_path / "run")
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert fitted.selected == "best_val" and fitted.steps == 4
+    for name, value in fitted.module.state_dict().items():
+        assert torch.equal(value, best["state_dict"][name]), name
+    cfg.classifier.select = "first"
+    with pytest.raises(ValueError, match="classifier.select='first'"):
+        fit_classifier(cfg, crafted_set(8), crafted_set(8, seed=1), seed=0, run_dir=tmp_path / "bad")
+
+
 # ---------------------------------------------------------------- synthesis
 
 

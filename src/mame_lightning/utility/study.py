@@ -132,7 +132,8 @@ def run_arm(name: str, cfg: DictConfig, sets: dict[str, ImageSet], out: Path, st
             run, view = score_run(fitted.module, sets["test"], sets["val"], cfg, int(seed))
             run.update(steps=fitted.steps, seconds=fitted.seconds, selected=fitted.selected)
             arm["runs"].append(run)
-            synthetic_view = lesion_view(fitted.module, sets["synthetic"], cfg) if len(sets["synthetic"]) else None
+            wanted = len(sets["synthetic"]) and (overlays is None or not use_synthetic)
+            synthetic_view = lesion_view(fitted.module, sets["synthetic"], cfg) if wanted else None
             if synthetic_view and not use_synthetic:
                 arm["on_synthetic_runs"].append({"seed": int(seed), "localisation": synthetic_view["localisation"]["share"],
                                                  "auroc": auroc(synthetic_view["probs"], sets["synthetic"].labels)})
