@@ -155,6 +155,8 @@ def run_arm(name: str, cfg: DictConfig, sets: dict[str, ImageSet], out: Path, st
 def run(cfg: DictConfig) -> dict:
     """The whole study; returns what utility.json holds."""
     stage, out = Stages(), Path(str(cfg.out))
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     with stage("check the input"):
         arms = check_arms(cfg)
         wants_synthetic = any(ARMS[a][1] for a in arms)
