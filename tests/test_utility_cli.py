@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation_helpers import inpaint_dir, models_root, t2i_dir  # noqa: F401 - fixtures
+from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
 from mame_lightning.eval.report import read_csv
 from mame_lightning.utility.__main__ import main
-from utility_helpers import FAST, one_torch_thread, utility_prepared  # noqa: F401 - fixtures
+from utility_helpers import FAST, utility_prepared  # noqa: F401 - fixture
 
 ARMS = ["real", "real+synthetic", "synthetic"]
 

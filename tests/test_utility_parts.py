@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from generation_helpers import inpaint_dir, models_root, t2i_dir  # noqa: F401 - fixtures
+from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
 from mame_lightning.data.datamodule import read_metadata
 from mame_lightning.utility.checks import UtilityError
 from mame_lightning.utility.classifier import LesionClassifier, probabilities
@@ -19,7 +19,7 @@ from mame_lightning.utility.metrics import auroc, bootstrap_auroc_ci, sensitivit
 from mame_lightning.utility.saliency import chance_level, localisation, peak, peak_in_boxes, saliency_maps
 from mame_lightning.utility.split import real_samples, split_by_group, split_counts
 from mame_lightning.utility.synthesis import SynthesisSettings, generate_synthetic, part_jobs, synthetic_samples
-from utility_helpers import crafted_set, one_torch_thread, utility_config, utility_prepared  # noqa: F401
+from utility_helpers import crafted_set, utility_config, utility_prepared  # noqa: F401 - fixture
 
 FRACTIONS = {"train": 0.6, "val": 0.15, "test": 0.25}
 

@@ -47,11 +47,3 @@ def utility_prepared(tmp_path_factory):
     from train_helpers import prepare_small_synthetic
 
     return prepare_small_synthetic(tmp_path_factory.mktemp("utility_data"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
