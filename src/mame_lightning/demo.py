@@ -236,6 +236,8 @@ def summarise(root: Path, timings: dict[str, Timing], total_seconds: float, titl
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mame_lightning.io import write_text
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="outputs/demo", help="where the demo's runs go (default outputs/demo)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the flow, learns nothing")
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     all_stages = stages(root, profile, args.prepare_override)
     timings, total = run_schedule(all_stages, root / "logs")
     summary = summarise(root, timings, total, {stage.key: stage.title for stage in all_stages})
-    (root / "summary.md").write_text(summary)
+    write_text(root / "summary.md", summary)
     print("\n" + summary)
 
 

@@ -19,10 +19,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mame_lightning.eval.report import atomic_write_json, atomic_write_text, format_number, write_csv
+from mame_lightning.eval.report import format_number, write_csv
 from mame_lightning.evaluation_inputs import (EvaluationError, attribute_combinations, check_model_paths,
                                               generation_settings, image_entries, load_images, model_labels,
                                               model_paths, sample_grid, sweep_prompts, sweep_scales)
+from mame_lightning.io import write_json, write_text
 from mame_lightning.pipelines.generation import text2image
 from mame_lightning.pipelines.loading import LoadedModel, load_model
 
@@ -120,7 +121,7 @@ def write_sweep_outputs(rows: list[dict], out: Path) -> dict:
                f"{first.get('scheduler', '')} steps, {first.get('image_size', '?')} px; s/image averaged over the row."
                "\n\n")
     write_guidance_sweep_csv(out / "sweep.csv", rows)
-    atomic_write_text(out / "sweep.md", caption + table)
+    write_text(out / "sweep.md", caption + table)
     plot = plot_guidance_sweep(rows, out / "msssim_vs_guidance.png")
     return {"csv": str(out / "sweep.csv"), "table": str(out / "sweep.md"), "plot": str(plot),
             "markdown": table, "rows": rows}
@@ -180,7 +181,7 @@ def fidelity_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, t
                                           float(fcfg.guidance), prompts))
     result["grid_rows"] = prompts
     write_csv(out / "fidelity_images.csv", rows)
-    atomic_write_json(out / "fidelity.json", result)
+    write_json(out / "fidelity.json", result)
     print(f"fidelity{tag}: {out / 'fidelity.json'} (per image: {out / 'fidelity_images.csv'})")
     for attribute, entry in report.items():
         if entry.get("agreement") is not None:
@@ -235,7 +236,7 @@ def fid_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, real_e
                      device=model.device, seed=int(cfg.seed))
     result = {"model": label, "model_path": model.path, **(scores or {}), "guidance": float(cfg.guidance.scale),
               "real_dir": str(cfg.real_dir), "generated_dir": str(out / "generated") if fcfg.save_images else None}
-    atomic_write_json(out / "fid.json", result)
+    write_json(out / "fid.json", result)
     print(f"FID{tag}: {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± "
           f"{result['kid_std']:.4f} ({result['n_real']} real, {result['n_fake']} generated): {out / 'fid.json'}")
     return result
@@ -392,7 +393,7 @@ def run(cfg: DictConfig, out: str | Path | None = None, multirun_overrides: Sequ
         if isinstance(summary.get("sweep"), dict):
             summary["sweep"].pop("markdown", None)
     summary["config"] = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, summary)
     print(f"results in {out} (summary: {out / SUMMARY_FILE})")
     return summary
 

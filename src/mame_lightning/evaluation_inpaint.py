@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from mame_lightning.eval.inpaint_fidelity import (GRID_COLUMNS, Case, Lesion, Painter, evaluate_painter, grid_rows,
                                                   pick_cases, real_contrasts)
-from mame_lightning.eval.report import atomic_write_json, write_csv
+from mame_lightning.eval.report import write_csv
 from mame_lightning.evaluation_inputs import EvaluationError, load_images, sample_grid
+from mame_lightning.io import write_json, write_png
 from mame_lightning.pipelines.generation import generators, to_gray_uint8
 from mame_lightning.pipelines.loading import LoadedModel
 
@@ -150,13 +151,13 @@ def run_inpaint_fidelity(cfg: DictConfig, out: Path, model: LoadedModel | None =
     write_csv(out / CASES_FILE, [{**r, "box": " ".join(map(str, r["box"]))} for r in rows])
     grid = Image.fromarray(sample_grid(grid_rows(cases, painted, int(icfg.grid_rows))))
     scale = max(1, 128 // cases[0].image.shape[0])  # small images are enlarged so a lesion is visible
-    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(out / GRID_FILE)
+    write_png(out / GRID_FILE, grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST))
     report.update(model_path=model.path if model is not None else None,
                   pipeline=model.scheduler if model is not None else "custom painter",
                   prompt=inpaint_prompt(cfg, model), guidance=float(icfg.guidance), steps=int(cfg.guidance.steps),
                   grid=str(out / GRID_FILE), grid_columns=list(GRID_COLUMNS), cases_csv=str(out / CASES_FILE),
                   paste_back=False)
-    atomic_write_json(out / JSON_FILE, report)
+    write_json(out / JSON_FILE, report)
     for line in summary_lines(report):
         print(line)
     return report

@@ -26,6 +26,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mame_lightning.io import write_text
+
 COLUMNS = ["job", "overrides", "status", "objective", "train_loss", "val_loss", "global_step", "seconds",
            "slurm_job_id", "run_dir", "log_tail"]
 TABLE_COLUMNS = ["job", "overrides", "objective", "train_loss", "val_loss", "global_step", "seconds", "slurm_job_id",
@@ -97,16 +99,10 @@ def job_record(config: DictConfig, job_return: JobReturn) -> dict[str, Any]:
     return record
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_record(sweep_dir: Path, record: dict[str, Any]) -> None:
     folder = sweep_dir / RECORDS / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / f"{record['job']}.json", json.dumps(record, indent=2, default=str))
+    write_text(folder / f"{record['job']}.json", json.dumps(record, indent=2, default=str))
 
 
 def _records_from_job_folders(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -195,9 +191,9 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """(Re)write sweep_summary.{csv,md,json} from the records in `sweep_dir`."""
     rows = summary_rows(read_records(sweep_dir))
-    _atomic_write(sweep_dir / "sweep_summary.csv", rows_to_csv(rows))
-    _atomic_write(sweep_dir / "sweep_summary.md", rows_to_markdown(rows))
-    _atomic_write(sweep_dir / "sweep_summary.json", json.dumps(rows, indent=2, default=str))
+    write_text(sweep_dir / "sweep_summary.csv", rows_to_csv(rows))
+    write_text(sweep_dir / "sweep_summary.md", rows_to_markdown(rows))
+    write_text(sweep_dir / "sweep_summary.json", json.dumps(rows, indent=2, default=str))
     return rows
 
 
@@ -219,7 +215,7 @@ class SweepSummary(Callback):
         (folder / "jobs").mkdir(parents=True, exist_ok=True)
         for stale in [*folder.glob("jobs/*.json"), folder / "summary.lock"]:
             stale.unlink(missing_ok=True)  # a previous multirun into the same folder
-        _atomic_write(folder / "expected.json", json.dumps({"expected": expected_jobs(config)}))
+        write_text(folder / "expected.json", json.dumps({"expected": expected_jobs(config)}))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mame_lightning.io import write_json, write_text
 from mame_lightning.models.hub import check_push, push_folder
 from mame_lightning.models.loggers import finish as finish_loggers
 from mame_lightning.models.loggers import log_hyperparams
@@ -32,9 +31,7 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 
 
 def save_resolved_config(cfg: DictConfig, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), tmp)
-    os.replace(tmp, path)
+    write_text(path, OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))))
 
 
 CPU_OVERRIDE = "trainer.accelerator=cpu precision=32-true"
@@ -226,7 +223,7 @@ def train(cfg: DictConfig) -> dict:
         result = run_result(trainer, module, run_dir, cfg, started, status="diverged", reason=str(exc))
         result["train_loss"] = None  # the last logged value predates the divergence
         if trainer.is_global_zero:
-            _write_json(run_dir / "result.json", result)
+            write_json(run_dir / "result.json", result)
         raise
     except BaseException:
         finish_loggers(trainer.loggers, failed=True)
@@ -248,7 +245,7 @@ def train(cfg: DictConfig) -> dict:
             if hub_token and folder:
                 result["hub_url"] = push_folder(folder, cfg.export.push_to_hub,
                                                 private=bool(cfg.export.get("private", True)), token=hub_token)
-        _write_json(run_dir / "result.json", result)
+        write_json(run_dir / "result.json", result)
     return result
 
 
@@ -355,8 +352,3 @@ def _flat_hparams(cfg: DictConfig) -> dict:
     }
     return {k: v for k, v in keys.items() if v is not None}
 
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

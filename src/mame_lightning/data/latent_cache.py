@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mame_lightning.data.datamodule import PreparedImageDataset, read_metadata, task_folder
+from mame_lightning.io import atomic_path, write_json
 
 CACHE_FORMAT = "1"
 SHARD_SIZE = 1024
@@ -100,16 +101,9 @@ def cache_key(
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({name: t.contiguous() for name, t in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(temporary))
 
 
 def read_index(cache_path: str | Path) -> dict | None:
@@ -189,7 +183,7 @@ def build_latent_cache(
         "ids": [i for shard in shards for i in shard["ids"]],
         "shards": shards,
     }
-    _atomic_write_bytes(cache_path / "index.json", json.dumps(index).encode())
+    write_json(cache_path / "index.json", index, indent=None)
     return cache_path
 
 

@@ -1,54 +1,25 @@
-"""The prepared set on disk: atomic file writes and the files assembled at the end of a run.
+"""The prepared set on disk: the files assembled at the end of a run.
 
-Every file is written under a temporary name in its own folder and moved into place with
-``os.replace``, so a run killed at any moment leaves either the old file or the new one, never
-half of one. From the per-item outcomes this module assembles ``<task>/metadata.jsonl`` (sorted by
-id), ``report.json`` (what was kept, filtered, rejected and why) and ``attributes.json`` (the
-prompt attributes present, which training records in the exported model).
+Every file goes through `mame_lightning.io`, so a run killed at any moment leaves either the old
+file or the new one, never half of one. From the per-item outcomes this module assembles
+``<task>/metadata.jsonl`` (sorted by id), ``report.json`` (what was kept, filtered, rejected and
+why) and ``attributes.json`` (the prompt attributes present, which training records in the
+exported model).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from mame_lightning import io as durable
 
 TASKS = ("text2image", "inpaint")
 ATTRIBUTE_FIELDS = {"views": "view", "densities": "density", "areas": "area", "vendors": "vendor"}
-
-
-def _file_mode() -> int:
-    """Permissions an ordinary open() would give (temporary files are created owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def printable(value):
@@ -70,7 +41,7 @@ def printable(value):
 
 
 def write_json(path: str | Path, obj) -> None:
-    write_atomic(path, json.dumps(printable(obj), indent=2, sort_keys=True) + "\n")
+    durable.write_json(path, printable(obj), sort_keys=True)
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
@@ -78,16 +49,14 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D uint8 image, got {image.dtype} {image.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+    durable.write_png(path, image)
 
 
 def write_metadata(out_dir: Path, task: str, lines: list[dict]) -> None:
     """``<task>/metadata.jsonl``: one JSON object per kept image, sorted by id."""
     text = "".join(json.dumps(printable(line), sort_keys=True) + "\n"
                    for line in sorted(lines, key=lambda l: l["id"]))
-    write_atomic(out_dir / task / "metadata.jsonl", text)
+    durable.write_text(out_dir / task / "metadata.jsonl", text)
 
 
 def _ordered(values: Iterable, order: list | None = None) -> list:

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from mame_lightning.data.dicom_writer import TRANSFER_SYNTAXES, make_mammogram_d
 from mame_lightning.data.phantoms import PhantomSpec, render_phantom
 from mame_lightning.data.synthetic_plan import (FORMAT_VERSION, ImagePlan, fingerprint, phi_of,
                                                 plan_counts, plan_set)
+from mame_lightning.io import write_bytes
 
 FULL_HEIGHT = 3328  # detector rows the base pixel spacings refer to
 
@@ -132,7 +132,7 @@ def _restore_instance_uid(path: Path, sop_uid: str) -> None:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    _atomic_write(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _tag_text(ds, keyword: str) -> str:
@@ -140,20 +140,6 @@ def _tag_text(ds, keyword: str) -> str:
     if isinstance(value, (list, tuple, MultiValue)):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _csv_text(columns: list[str], rows: list[dict]) -> str:
@@ -320,7 +306,7 @@ def write_synthetic_set(out_dir: str | os.PathLike, n: int, height: int = 256, w
     }
     texts |= _omi_texts([p for p in plans if p.layout == "omi"], info, root)
     for relative, text in texts.items():
-        _atomic_write(root / relative, text.encode("utf-8"))
+        write_bytes(root / relative, text.encode("utf-8"))
 
     stale = (set(old_images) | set(previous.get("annotations", []))) - set(info) - set(texts)
     _remove_stale(root, stale)
@@ -330,7 +316,7 @@ def write_synthetic_set(out_dir: str | os.PathLike, n: int, height: int = 256, w
                 "lesion_fraction": lesion_fraction, "calcifications": calcifications}
     manifest = {"format_version": FORMAT_VERSION, "settings": settings, "counts": counts,
                 "annotations": sorted(texts), "images": dict(sorted(info.items()))}
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     phi = sorted({value for p in plans for value in phi_of(p.patient).values()})
     return {"out_dir": str(root), "n": n, "written": written, "reused": n - written,
             "removed": len(stale), "counts": counts, "annotations": sorted(texts),

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from mame_lightning.io import atomic_folder, move
 from mame_lightning.models.tokenizer import build_tokenizer
 
 # Stable Diffusion v1's training noise schedule.
@@ -296,16 +295,6 @@ def build_models(*, words, unet: dict, vae: dict, text_encoder: dict, sample_siz
     return SDComponents(*models, tokenizer, DDPMScheduler(**SD_SCHEDULE), source="random")
 
 
-def _finish_folder(tmp: Path, folder: Path) -> None:
-    """Move a finished build into place; if another process got there first, keep theirs."""
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "model_index.json").is_file():
-            raise
-
-
 def build_tiny(folder, *, words, unet: dict, vae: dict, text_encoder: dict, sample_size: int = 64,
                in_channels: int = 4, seed: int = 0, variant: str | None = None) -> str:
     """Build random models from the configs and save them as a diffusers pipeline folder.
@@ -314,18 +303,16 @@ def build_tiny(folder, *, words, unet: dict, vae: dict, text_encoder: dict, samp
     Written into a temporary sibling folder and renamed, so a folder that exists is complete.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     parts = build_models(words=words, unet=unet, vae=vae, text_encoder=text_encoder, sample_size=sample_size,
                          in_channels=in_channels, seed=seed)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    # if another process finished the same build first, its folder is kept
+    with atomic_folder(folder, keep_existing=True) as tmp:
         pipeline = parts.pipeline()
         pipeline.save_pretrained(str(tmp))
         if variant:
             _add_variant(pipeline, tmp, variant)
-        _finish_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: exists but holds no diffusers pipeline (model_index.json); remove it")
     return str(folder)
 
 
@@ -338,7 +325,7 @@ def _add_variant(pipeline, folder: Path, variant: str) -> None:
     with tempfile.TemporaryDirectory(dir=folder) as side:
         pipeline.to(_VARIANT_DTYPES.get(variant, torch.float32)).save_pretrained(side, variant=variant)
         for weights in Path(side).glob(f"*/*.{variant}.*"):
-            os.replace(weights, folder / weights.parent.name / weights.name)
+            move(weights, folder / weights.parent.name / weights.name)
     pipeline.to(torch.float32)
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mame_lightning.io import atomic_folder, write_text
 from mame_lightning.models.ema import ema_weights
 from mame_lightning.models.model_card import write_model_card
 
@@ -56,21 +55,14 @@ def export_metadata(*, task, templates=None, attributes=None, train_config=None,
     }
 
 
-def replace_folder(new: Path, folder: Path) -> None:
-    """Put `new` at `folder`; an existing export there is swapped out, then removed."""
+def check_export_target(folder: Path) -> None:
+    """An export may replace an earlier export, never a file or a folder of something else."""
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: export target exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "model_index.json").is_file():
         raise FileExistsError(
             f"{folder}: exists, is not empty and is not a diffusers export; refusing to replace it"
         )
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-        os.replace(folder, old / folder.name)
-    os.replace(new, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_pipeline(
@@ -97,18 +89,14 @@ def export_pipeline(
                                data_counts=data_counts, prepare_size=prepare_size, ema=ema is not None)
     text = json.dumps(metadata, indent=2, default=str)
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    check_export_target(folder)
+    with atomic_folder(folder) as tmp:
         parts = (components.unet, components.vae, components.text_encoder)
         with torch.no_grad(), ema_weights(ema, components.unet), float32_weights(*parts):
             components.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(text, encoding="utf-8")
+        write_text(tmp / METADATA_FILE, text, fsync=False)  # the folder is flushed as a whole
         card = {k: v for k, v in dict(card or {}).items() if k in ("license", "base_model") and v}
         write_model_card(tmp, json.loads(text), metrics=metrics, **card)
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

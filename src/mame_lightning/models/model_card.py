@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mame_lightning import __version__
 from mame_lightning.data.prompts import render_prompt, template_fields
+from mame_lightning.io import write_text
 
 CARD_FILE = "README.md"
 SD15_LICENSE = "creativeml-openrail-m"  # the Stable Diffusion v1.5 weights' licence binds derived weights
@@ -216,9 +217,7 @@ def model_card_text(metadata: Mapping, *, metrics: Mapping | None = None, licens
 
 
 def write_model_card(folder: Path, metadata: Mapping, **options) -> Path:
-    path = Path(folder) / CARD_FILE
-    path.write_text(model_card_text(metadata, **options), encoding="utf-8")
-    return path
+    return write_text(Path(folder) / CARD_FILE, model_card_text(metadata, **options))
 
 
 __all__ = ["CARD_FILE", "base_model_of", "card_metadata", "example_prompts", "effective_batch", "model_card_text",

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from mame_lightning.data.records import ImageRecord, Rejection
 from mame_lightning.data.sources import CombinedSource, SourceError
 from mame_lightning.data.sources.omi import OmiSource
 from mame_lightning.data.sources.vindr import VinDrSource
+from mame_lightning.io import atomic_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +66,11 @@ def ensure_raw_set(raw_dir: Path, settings: dict, progress: bool = True) -> bool
                                    "with a synthetic set (choose another dataset.raw_dir)")
     from mame_lightning.data.synthetic_set import write_synthetic_set
 
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.", dir=raw_dir.parent))
     log.info("writing synthetic raw set (%d images) to %s", settings["n"], raw_dir)
-    try:
+    # an old synthetic set there is removed once the new one is in place
+    with atomic_folder(raw_dir) as staging:
         write_synthetic_set(staging, n=settings["n"], height=settings["height"],
                             width=settings["width"], seed=settings["seed"], progress=progress,
                             **settings["options"])
-        (staging / MARKER).write_text(json.dumps(settings, indent=2, sort_keys=True))
-        _swap_in(staging, raw_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / MARKER, settings, sort_keys=True)
     return True
-
-
-def _swap_in(staging: Path, raw_dir: Path) -> None:
-    """Move the finished set into place; an old synthetic set is removed after the swap."""
-    old = None
-    if raw_dir.exists():
-        old = raw_dir.with_name(f".{raw_dir.name}.old.{os.getpid()}")
-        os.replace(raw_dir, old)
-    os.replace(staging, raw_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
