@@ -116,7 +116,7 @@ def train_config(setup: Setup, variant: Variant):
 
 def build_ours(components, setup: Setup, variant: Variant, cache_dir: Path | None):
     from mame_lightning.data.datamodule import PreparedDataModule
-    from mame_lightning.training import build_module
+    from mame_lightning.models.building import build_module
 
     module = build_module(train_config(setup, variant), components)
     cache = {"enabled": True, "dir": str(cache_dir), "batch_size": 8} if variant.cache else False

@@ -19,7 +19,7 @@ from cluster_helpers import TINY, check_optuna_search, job_env, output_of, run_e
 from hydra_plugins.mame_lightning_cluster.launchers import (LocalParallelLauncher, SlurmLauncher, job_gpus,
                                                             rejection_message)
 from mame_lightning.sweep import expected_jobs, main as sweep_main
-from mame_lightning.training import resolve_ckpt_path
+from mame_lightning.runs.training import resolve_ckpt_path
 from train_helpers import CONF_DIR, prepare_small_synthetic
 
 

@@ -103,7 +103,7 @@ def test_a_folder_written_by_the_exporter_loads_and_prompts_from_its_attributes(
 
 
 def test_checkpoint_is_exported_then_loaded(models_root, tmp_path, monkeypatch):
-    import mame_lightning.export as export
+    import mame_lightning.models.export as export
 
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"not used")

@@ -59,7 +59,7 @@ def world(tmp_path_factory, inpaint_dir):
     from mame_lightning.pipelines.generation import GenerationSettings, text2image
     from mame_lightning.pipelines.loading import load_model
     from mame_lightning.pipelines.outputs import save_results
-    from mame_lightning.training import train
+    from mame_lightning.runs.training import train
     from train_helpers import compose_train
 
     from hydra import compose, initialize_config_dir

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mame_lightning.training import CPU_OVERRIDE, HardwareError, check_hardware
+from mame_lightning.runs.training import CPU_OVERRIDE, HardwareError, check_hardware
 from train_helpers import CONF_DIR
 
 REAL_DATASETS = ("vindr", "omi_h", "fusion", "folder")
@@ -33,7 +33,8 @@ PAPER = [
     ("trainer.precision", "16-mixed", "3.7: mixed precision using fp16"),
     ("optimizer._target_", "bitsandbytes.optim.AdamW8bit", "3.7: the 8-bit AdamW optimizer by bitsandbytes"),
     ("optimizer.lr", 1e-6, "3.4.1: learning rates 1e-6, 1e-5, 1e-4 explored"),
-    ("task.module.lr_warmup_steps", 0, "3.4.1: constant lr schedule"),
+    ("lr_scheduler.name", "constant_with_warmup", "3.4.1: constant lr schedule"),
+    ("lr_scheduler.num_warmup_steps", 0, "3.4.1: constant lr schedule"),
     ("optimizer.weight_decay", 1e-2, "3.4.1: Adam weight decay and epsilon not changed"),
     ("optimizer.eps", 1e-8, "3.4.1: Adam weight decay and epsilon not changed"),
     ("trainer.gradient_clip_val", 1.0, "3.4.1: gradient clipping"),
@@ -194,7 +195,7 @@ def stand_in(folder: Path, inpaint: bool) -> Path:
 def test_the_recipe_trains_a_stand_in_for_the_sd_weights_and_exports(task, vindr_prepared, tmp_path):
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    from mame_lightning.training import train
+    from mame_lightning.runs.training import train
 
     weights = stand_in(tmp_path / "sd", inpaint=task == "inpaint")
     cfg = headline(tmp_path / "run", "dataset=vindr", f"task={task}", f"model.pretrained={weights}",

@@ -15,17 +15,17 @@ import lightning as L
 import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.optimization import get_constant_schedule_with_warmup, get_scheduler
 
 from mame_lightning.models import diffusion
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
+from mame_lightning.models.optimization import constant_schedule
 
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "default")
 NONFINITE_POLICIES = ("stop", "skip")
 NONFINITE_HINT = (
-    "likely causes: a learning rate too high (lower optimizer.lr or add lr_warmup_steps), "
+    "likely causes: a learning rate too high (lower optimizer.lr or add lr_scheduler.num_warmup_steps=N), "
     "fp16 overflow (try precision=bf16-mixed), or bad data (NaN/inf pixels or cached latents)"
 )
 # A skipped step is for a rare bad batch; this many in a row, or more than max_skipped_fraction of
@@ -90,8 +90,7 @@ class Text2ImageModule(L.LightningModule):
         self,
         components,
         optimizer: Callable | None = None,
-        lr_warmup_steps: int = 0,
-        lr_schedule: str = "constant",
+        lr_scheduler: Callable | None = None,
         train_unet: bool = True,
         train_text_encoder: bool = True,
         snr_gamma: float | None = None,
@@ -114,12 +113,10 @@ class Text2ImageModule(L.LightningModule):
                              f"{max_skipped_fraction} and {max_consecutive_skipped}")
         if not (train_unet or train_text_encoder):
             raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         ema = plain_options(ema)  # plain types in the checkpoint: it loads with weights_only=True
-        self.save_hyperparameters(ignore=["components", "optimizer"])
+        self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler"])
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -127,6 +124,7 @@ class Text2ImageModule(L.LightningModule):
         self.tokenizer = components.tokenizer
         self.noise_scheduler = components.noise_scheduler
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler or constant_schedule
         self.check_unet_channels()
         self.freeze_frozen_parts()
         if gradient_checkpointing:
@@ -334,8 +332,7 @@ class Text2ImageModule(L.LightningModule):
                 "taking the parameters>, e.g. hydra's conf/optimizer with _partial_: true"
             )
         optimizer = self.optimizer_factory(self.optimizer_parameters())
-        scheduler = lr_scheduler(optimizer, self.hparams.get("lr_schedule", "constant"),
-                                 int(self.hparams.lr_warmup_steps), self._trainer.max_steps if self._trainer else -1)
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)  # stepped per optimizer step
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # -- EMA and checkpoints ----------------------------------------------------------------
@@ -368,23 +365,6 @@ class Text2ImageModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
         elif self.ema is not None:
             log.warning("checkpoint has no EMA state: the average starts from this module's weights")
-
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int):
-    """Warmup, then constant (the default), or a cosine / linear decay to zero at max_steps.
-
-    A decay lets a short run settle instead of ending at full step size (the demo's recipes use it).
-    """
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
-    if name == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    if max_steps is None or max_steps <= 0:
-        raise ValueError(f"lr_schedule={name} decays to zero at trainer.max_steps; set trainer.max_steps (> 0)")
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=int(max_steps))
 
 
 def check_master_weights(module: torch.nn.Module) -> None:

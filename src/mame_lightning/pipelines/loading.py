@@ -1,8 +1,8 @@
 """Load a trained model for generation: an exported diffusers folder or a training checkpoint.
 
 The exported folder is the one contract between training and generation (docs/architecture.md,
-"Exported model folder"); a `.ckpt` is exported to a temporary folder first, so both paths load
-through the same `from_pretrained` code. The sidecar `mame_lightning.json` tells the task, the
+"Exported model folder"); a `.ckpt` is exported to a temporary folder first (`models.export`), so
+both paths load through the same `from_pretrained` code. The sidecar `mame_lightning.json` tells the task, the
 prompt templates and the attribute values the model was trained on.
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from mame_lightning.models.export import METADATA_FILE, read_export_metadata
 from mame_lightning.models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "mame_lightning.json"
 TASKS = ("text2image", "inpaint")
 INPAINT_IN_CHANNELS = 9
 DTYPES = {
@@ -112,13 +112,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def read_metadata(folder: str | Path) -> dict:
     """The folder's `mame_lightning.json`, or {} when the folder came from elsewhere."""
-    path = Path(folder) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    return read_export_metadata(folder, missing_ok=True)
 
 
 def detect_task(folder: str | Path, metadata: dict) -> str:
@@ -181,7 +175,7 @@ def load_model(path: str | Path | None, *, device: str | None = "auto", dtype: s
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise ModelNotFoundError(missing_model_message(path, "checkpoint"))
-        from mame_lightning.export import export_checkpoint
+        from mame_lightning.models.export import export_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="mame_export_") as tmp:
             log.info("exporting %s to a temporary pipeline folder", path)

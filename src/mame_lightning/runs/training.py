@@ -1,7 +1,8 @@
-"""Build everything a run needs from the composed config, fit, export, and record the result.
+"""One training run: build everything it needs from the composed config, fit, export, record the result.
 
 The entry point (`python -m mame_lightning.train`) only composes the config and calls `train(cfg)`;
-tests and sweeps call the same function.
+tests and sweeps call the same function. The model and the module are built by `models.building`,
+the export is `models.export`; this module wires data, callbacks, loggers and the Trainer around them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -20,14 +20,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mame_lightning.io import write_json, write_text
+from mame_lightning.models.building import RESOLVED_CONFIG, build_components, build_module
+from mame_lightning.models.checkpoints import CheckpointError, allowed_types, check_checkpoint
+from mame_lightning.models.export import export_with_config
 from mame_lightning.models.hub import check_push, push_folder
 from mame_lightning.models.loggers import finish as finish_loggers
 from mame_lightning.models.loggers import log_hyperparams
+from mame_lightning.models.text2image import TrainingDiverged
 
 log = logging.getLogger(__name__)
-
-# The fully resolved config of a run, readable without Hydra's runtime (export, generation).
-RESOLVED_CONFIG = "resolved_config.yaml"
 
 
 def save_resolved_config(cfg: DictConfig, path: Path) -> None:
@@ -39,6 +40,10 @@ CPU_OVERRIDE = "trainer.accelerator=cpu precision=32-true"
 
 class HardwareError(RuntimeError):
     """The run asks for hardware this machine does not have; the message names the override."""
+
+
+# Problems of the command line, the data or a checkpoint: the entry point reports them in one line.
+USER_ERRORS = (TrainingDiverged, CheckpointError, FileNotFoundError, HardwareError)
 
 
 def check_hardware(cfg: DictConfig, cuda_available: bool | None = None) -> None:
@@ -68,8 +73,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     The file is checked first (readable, plain types only), so a damaged one fails in a second with
     its name rather than after the model is built.
     """
-    from mame_lightning.models.checkpoints import CheckpointError, check_checkpoint
-
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.is_file():
@@ -95,24 +98,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return None
 
 
-def build_components(cfg: DictConfig):
-    """Model components from conf/model, shaped by the precision group and the task.
-
-    The precision group's dtype applies to frozen parts unless the model config sets one; the
-    inpainting task asks for a 9-channel UNet (a tiny one built so, a 4-channel checkpoint widened).
-    """
-    kwargs: dict[str, Any] = {}
-    frozen = cfg.precision.get("frozen_dtype")
-    if frozen and "frozen_dtype" in cfg.model and cfg.model.frozen_dtype is None:
-        kwargs["frozen_dtype"] = frozen
-    if cfg.task.get("data_task") == "inpaint" and cfg.task.name == "inpaint":
-        if "inpaint" in cfg.model and not cfg.model.inpaint:
-            kwargs["inpaint"] = True
-        elif "inpaint_in_channels" in cfg.model and cfg.model.inpaint_in_channels is None:
-            kwargs["inpaint_in_channels"] = 9
-    return instantiate(cfg.model, **kwargs)
-
-
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
@@ -133,12 +118,6 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
     loggers = build_loggers(cfg)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-
-def build_module(cfg: DictConfig, components):
-    # Objects are handed to the partial, not to instantiate: Hydra would turn a dataclass into config.
-    optimizer = instantiate(cfg.optimizer)
-    return instantiate(cfg.task.module, _partial_=True)(components=components, optimizer=optimizer)
 
 
 def first_use_preparation(cfg: DictConfig):
@@ -208,9 +187,6 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, build_callbacks(cfg))
     log_hyperparams(trainer.loggers, _flat_hparams(cfg))
 
-    from mame_lightning.models.checkpoints import allowed_types
-    from mame_lightning.models.text2image import TrainingDiverged
-
     ckpt_path = resolve_ckpt_path(cfg)
     # checkpoints are read with weights_only=True (torch's default too, for Lightning releases without the flag)
     safe = {"weights_only": True} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
@@ -247,6 +223,12 @@ def train(cfg: DictConfig) -> dict:
                                                 private=bool(cfg.export.get("private", True)), token=hub_token)
         write_json(run_dir / "result.json", result)
     return result
+
+
+def objective(result: dict) -> float | None:
+    """What a sweeper (Optuna) optimises: the run's `optimized_metric`; result.json keeps the whole record."""
+    metric = result.get("optimized_metric")
+    return metric["value"] if metric else None
 
 
 def run_result(trainer: L.Trainer, module, run_dir: Path, cfg: DictConfig, started: float, *, status: str,
@@ -298,8 +280,6 @@ def weights_sharded(trainer: L.Trainer) -> bool:
 
 def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict | None = None) -> Path:
     """Write the diffusers folder with the attributes and counts of the data the model saw."""
-    from mame_lightning.models.export import export_pipeline
-
     if cfg.task.name == "autoencoder":
         from mame_lightning.models.autoencoder import fit_scaling_factor
 
@@ -307,33 +287,11 @@ def export_run(cfg: DictConfig, module, datamodule, out_dir: Path, metrics: dict
         factor = fit_scaling_factor(module.vae, datamodule.train_dataloader())
         module.vae.register_to_config(scaling_factor=factor)
         log.info("autoencoder: latent scaling factor set to %.4f (1 / latent std)", factor)
-    templates = OmegaConf.to_container(cfg.dataset.get("templates") or {}, resolve=True)
     attributes = datamodule.attributes() if hasattr(datamodule, "attributes") else {}
     counts = datamodule.counts() if hasattr(datamodule, "counts") else {}
     if hasattr(datamodule, "attribute_counts"):
         counts["by_attribute"] = datamodule.attribute_counts()
-    return Path(
-        export_pipeline(
-            module,
-            out_dir,
-            task=cfg.task.name,
-            templates=templates,
-            attributes=attributes,
-            train_config=OmegaConf.to_container(cfg, resolve=True),
-            data_counts=counts,
-            prepare_size=int(cfg.dataset.get("size") or 0),
-            metrics=metrics,
-            card=card_options(cfg),
-        )
-    )
-
-
-def card_options(cfg: DictConfig) -> dict:
-    """`export.license` / `export.base_model` for the model card (absent keys: derived from the run)."""
-    export = cfg.get("export")
-    if not isinstance(export, DictConfig):
-        return {}
-    return {key: export.get(key) for key in ("license", "base_model") if export.get(key)}
+    return export_with_config(module, out_dir, cfg, attributes=attributes, data_counts=counts, metrics=metrics)
 
 
 def _flat_hparams(cfg: DictConfig) -> dict:
@@ -345,6 +303,7 @@ def _flat_hparams(cfg: DictConfig) -> dict:
         "precision": cfg.precision.lightning,
         "optimizer": cfg.optimizer.get("_target_"),
         "lr": cfg.optimizer.get("lr"),
+        "lr_scheduler": (cfg.get("lr_scheduler") or {}).get("name"),
         "batch_size": cfg.dataset.get("batch_size"),
         "accumulate_grad_batches": cfg.trainer.get("accumulate_grad_batches"),
         "max_steps": cfg.trainer.get("max_steps"),
