@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from cluster_helpers import TINY, check_optuna_search, job_env, output_of, run_entry
 from hydra_plugins.mame_lightning_cluster.launchers import (LocalParallelLauncher, SlurmLauncher, job_gpus,
                                                             rejection_message)
-from mame_lightning.sweep import expected_jobs, main as sweep_main
+from mame_lightning.runs.multirun import expected_jobs
 from mame_lightning.runs.training import resolve_ckpt_path
+from mame_lightning.sweep import main as sweep_main
 from train_helpers import CONF_DIR, prepare_small_synthetic
 
 

@@ -284,7 +284,7 @@ def test_cli_writes_a_set_and_nothing_else(tmp_path):
 def test_cli_explicit_size_overrides_the_preset(tmp_path):
     from omegaconf import OmegaConf
 
-    from mame_lightning.synth import image_size
+    from mame_lightning.runs.synthetic_set import image_size
 
     cfg = OmegaConf.create({"preset": "full", "presets": {"full": [3328, 2560]},
                             "height": None, "width": None})

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+from mame_lightning import CONF_DIR
+
 # What the summary holds the demo to (the figures a `make demo` run should reach on 2 cores).
 TARGETS = {"minutes": 15.0, "area_agreement": 0.9, "area_class": 0.8}
 

@@ -13,15 +13,12 @@ Settings and the meaning of each key: conf/evaluate.yaml. The work is done in `m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-# An absolute folder, so the entry point also works when called in-process (tests, notebooks).
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+from mame_lightning import CONF_DIR
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

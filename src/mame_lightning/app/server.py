@@ -21,12 +21,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import mame_lightning.app  # noqa: F401 - analytics off before gradio is imported
+from mame_lightning import CONF_DIR
 
 # gradio, torch and diffusers are imported where they are used, so a bad command line fails fast.
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 USER_ENV, PASSWORD_ENV = "MAME_APP_USER", "MAME_APP_PASSWORD"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
