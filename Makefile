@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup lock test test-fast demo app chromium dicom3tools slurm bench bench-prepare clean
+.PHONY: setup lock test test-fast demo app chromium dicom3tools slurm bench bench-prepare utility clean
 
 # constraints.txt: the exact versions the suite passed with, so a later install does not drift.
 LOCK    := constraints.txt
@@ -52,6 +52,12 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m mame_lightning.demo
+
+# Does synthetic data help a lesion classifier? On the phantoms, with the models `make demo` trains
+# (run first when they are missing); other data: make utility ARGS="prepared_dir=DIR text2image_model=DIR ..."
+utility: $(STAMP)
+	@test -n "$(ARGS)" || test -f outputs/demo/inpaint/export/model_index.json || $(MAKE) demo
+	$(BIN)/python -m mame_lightning.utility $(ARGS)
 
 # The combined GUI: make app ARGS="model.text2image=EXPORT_DIR model.inpaint=EXPORT_DIR"
 app: $(STAMP)

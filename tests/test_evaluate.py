@@ -216,10 +216,11 @@ def test_reader_study_round_trip_through_the_cli(tmp_path, capsys):
     assert len(list((study / "images").glob("case_*.png"))) == 6
     key = json.loads((study / ".key" / "key.json").read_text())
     assert key["n_real"] == 3 and key["n_synthetic"] == 3
-    # a reader who is always right, except for calling one synthetic case "cannot tell"
+    # a reader who is always right (0 = definitely real, 4 = definitely synthetic), except for
+    # calling one synthetic case "not sure"
     cases = key["cases"]
     synthetic = sorted(c for c, v in cases.items() if v["truth"] == "synthetic")
-    scores = {c: 4 if v["truth"] == "real" else 0 for c, v in cases.items()}
+    scores = {c: 0 if v["truth"] == "real" else 4 for c, v in cases.items()}
     scores[synthetic[0]] = 2
     ratings = study / "filled.csv"
     ratings.write_text("case,score\n" + "".join(f"{c},{s}\n" for c, s in scores.items()))

@@ -80,7 +80,14 @@ def test_study_is_balanced_blinded_and_leak_free(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [r["case"] for r in rows] == [p.stem for p in images] and all(r["score"] == "" for r in rows)
     assert set(rows[0]) == {"case", "score"}
-    assert "surely real" in (out / "README.txt").read_text()
+    instructions = (out / "README.txt").read_text()
+    # the paper's scale (section 3.8.1), in its order
+    wording = ["0 = definitely real", "1 = probably real", "2 = not sure", "3 = probably synthetic",
+               "4 = definitely synthetic"]
+    positions = [instructions.find(line) for line in wording]
+    assert -1 not in positions and positions == sorted(positions)
+    assert key["scale"] == {"0": "definitely real", "1": "probably real", "2": "not sure",
+                            "3": "probably synthetic", "4": "definitely synthetic"}
 
 
 def test_same_seed_same_study_other_seed_other_order(tmp_path):
@@ -135,13 +142,34 @@ def _score(tmp_path, key_path, scores: dict) -> dict:
 
 def test_perfect_inverted_and_constant_readers(tmp_path, study):
     key_path, cases = study
-    perfect = {c: 4 if v["truth"] == "real" else 0 for c, v in cases.items()}
-    assert _score(tmp_path, key_path, perfect)["auroc"] == pytest.approx(1.0)
-    inverted = {c: 0 if v["truth"] == "real" else 4 for c, v in cases.items()}
-    assert _score(tmp_path, key_path, inverted)["auroc"] == pytest.approx(0.0)
+    # the paper's scale: 0 = definitely real ... 4 = definitely synthetic; synthetic is the positive class
+    perfect = {c: 0 if v["truth"] == "real" else 4 for c, v in cases.items()}
+    summary = _score(tmp_path, key_path, perfect)
+    assert summary["auroc"] == pytest.approx(1.0) and summary["positive_class"] == "synthetic"
+    assert summary["real_called_real"] == 5 and summary["synthetic_called_synthetic"] == 5
+    inverted = {c: 4 if v["truth"] == "real" else 0 for c, v in cases.items()}
+    summary = _score(tmp_path, key_path, inverted)
+    assert summary["auroc"] == pytest.approx(0.0) and summary["real_called_real"] == 0
     constant = {c: 2 for c in cases}
     summary = _score(tmp_path, key_path, constant)
     assert summary["auroc"] == pytest.approx(0.5) and summary["cannot_tell"] == 10
+
+
+def test_paper_style_ratings_give_the_paper_style_auroc(tmp_path):
+    """Two real and two synthetic cases rated on the paper's scale: real 0 (definitely real) and
+    3 (probably synthetic), synthetic 1 and 4. Three of the four real/synthetic pairs have the
+    synthetic case rated more synthetic, so the paper's AUROC is 0.75 (a real-positive reading
+    of the same sheet would give 0.25)."""
+    real, fake = _sources(tmp_path / "src")
+    key_path = make_reader_study(real, fake, tmp_path / "study", n=4, seed=3)
+    cases = _key(key_path)["cases"]
+    ratings = iter([0, 3]), iter([1, 4])
+    scores = {c: next(ratings[v["truth"] == "synthetic"]) for c, v in sorted(cases.items())}
+    summary = _score(tmp_path, key_path, scores)
+    assert summary["auroc"] == pytest.approx(0.75)
+    assert summary["mean_score_real"] == pytest.approx(1.5) and summary["mean_score_synthetic"] == pytest.approx(2.5)
+    assert summary["histogram"]["synthetic"] == {"0": 0, "1": 1, "2": 0, "3": 0, "4": 1}
+    assert summary["scale"]["0"] == "definitely real" and summary["scale"]["4"] == "definitely synthetic"
 
 
 def test_auroc_equals_the_share_of_correctly_ordered_pairs(tmp_path, study):
@@ -150,7 +178,8 @@ def test_auroc_equals_the_share_of_correctly_ordered_pairs(tmp_path, study):
     scores = {c: int(rng.integers(0, 5)) for c in cases}
     real = [scores[c] for c, v in cases.items() if v["truth"] == "real"]
     fake = [scores[c] for c, v in cases.items() if v["truth"] == "synthetic"]
-    pairs = [1.0 if r > f else 0.5 if r == f else 0.0 for r in real for f in fake]
+    # a pair is ordered correctly when the synthetic case is rated more synthetic than the real one
+    pairs = [1.0 if f > r else 0.5 if r == f else 0.0 for r in real for f in fake]
     summary = _score(tmp_path, key_path, scores)
     assert summary["auroc"] == pytest.approx(np.mean(pairs))
     assert summary["n"] == 10 and summary["n_real"] == 5 and summary["mean_score_real"] == pytest.approx(np.mean(real))

@@ -6,10 +6,11 @@ neutral name, and writes an empty ratings sheet for the reader plus a key, kept 
 images, that says which case is which. `score_reader_study` checks the filled sheet against the key
 and reports the ROC curve and its area.
 
-Rating scale: the score is the reader's confidence that the image is REAL,
-0 = surely synthetic, 1 = probably synthetic, 2 = cannot tell, 3 = probably real, 4 = surely real.
-Real is the positive class, so AUROC 1.0 means the reader always tells them apart, 0.5 means the
-reader cannot tell (chance), and values below 0.5 mean synthetic images look more real than real.
+Rating scale: the MAM-E paper's (section 3.8.1), 0 = definitely real, 1 = probably real,
+2 = not sure, 3 = probably synthetic, 4 = definitely synthetic. As in the paper, the ratings are the
+scores of a synthetic-vs-real classifier: synthetic is the positive class, so AUROC 1.0 means the
+reader always spots the synthetic images, 0.5 means the reader cannot tell them apart (the paper's
+radiologist: 0.49), and values below 0.5 mean the real images were taken for synthetic more often.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 from mame_lightning.eval.plots import plot_roc
 from mame_lightning.eval.report import atomic_write_bytes, atomic_write_json, atomic_write_text, read_csv, write_csv
 
-SCALE = {0: "surely synthetic", 1: "probably synthetic", 2: "cannot tell", 3: "probably real", 4: "surely real"}
+SCALE = {0: "definitely real", 1: "probably real", 2: "not sure", 3: "probably synthetic", 4: "definitely synthetic"}
 SCORE_MIN, SCORE_MAX = min(SCALE), max(SCALE)
 REAL, SYNTHETIC = "real", "synthetic"
+POSITIVE = SYNTHETIC  # the class a high score points to
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -40,7 +42,7 @@ class ReaderStudyError(ValueError):
 
 def _instructions(n: int) -> str:
     lines = [f"Reader study: {n} mammograms in images/, some real and some synthetic.",
-             "For each case write a score in ratings.csv: your confidence that the image is REAL.", ""]
+             "For each case write a score in ratings.csv, from 0 (definitely real) to 4 (definitely synthetic):", ""]
     lines += [f"  {score} = {meaning}" for score, meaning in SCALE.items()]
     lines += ["", "Whole numbers only. Rate every case; do not rename the files."]
     return "\n".join(lines) + "\n"
@@ -181,12 +183,12 @@ def _load_key(key_path: str | os.PathLike) -> dict:
 
 def score_reader_study(ratings_csv: str | os.PathLike, key_path: str | os.PathLike,
                        out_dir: str | os.PathLike) -> dict:
-    """AUROC of the reader's scores (real = positive), the ROC curve, score histograms; writes
-    out_dir/roc.png and out_dir/reader_study.json and returns the same summary."""
+    """AUROC of the reader's scores (synthetic = positive, as in the paper), the ROC curve, score
+    histograms; writes out_dir/roc.png and out_dir/reader_study.json and returns the same summary."""
     key = _load_key(key_path)
     scores = read_ratings(ratings_csv, key["cases"])
     cases = list(key["cases"])
-    truth = torch.tensor([key["cases"][c]["truth"] == REAL for c in cases], dtype=torch.long)
+    truth = torch.tensor([key["cases"][c]["truth"] == POSITIVE for c in cases], dtype=torch.long)
     rating = torch.tensor([scores[c] for c in cases], dtype=torch.float64)
     if truth.min() == truth.max():
         raise ReaderStudyError(f"{key_path}: AUROC needs both real and synthetic cases")
@@ -194,20 +196,21 @@ def score_reader_study(ratings_csv: str | os.PathLike, key_path: str | os.PathLi
     auroc = float(binary_auroc(preds, truth))
     fpr, tpr, thresholds = binary_roc(preds, truth)
 
-    histogram = {label: {str(s): int(((rating == s) & (truth == (label == REAL))).sum()) for s in SCALE}
-                 for label in (REAL, SYNTHETIC)}
+    synthetic, real = truth == 1, truth == 0
+    histogram = {label: {str(s): int(((rating == s) & (synthetic if label == SYNTHETIC else real)).sum())
+                         for s in SCALE} for label in (REAL, SYNTHETIC)}
     midpoint = (SCORE_MIN + SCORE_MAX) / 2
     summary = {
-        "auroc": auroc, "n": len(cases), "n_real": int(truth.sum()), "n_synthetic": int((truth == 0).sum()),
-        "mean_score_real": float(rating[truth == 1].mean()), "mean_score_synthetic": float(rating[truth == 0].mean()),
-        "real_called_real": int(((rating > midpoint) & (truth == 1)).sum()),
-        "synthetic_called_synthetic": int(((rating < midpoint) & (truth == 0)).sum()),
+        "auroc": auroc, "n": len(cases), "n_real": int(real.sum()), "n_synthetic": int(synthetic.sum()),
+        "mean_score_real": float(rating[real].mean()), "mean_score_synthetic": float(rating[synthetic].mean()),
+        "real_called_real": int(((rating < midpoint) & real).sum()),
+        "synthetic_called_synthetic": int(((rating > midpoint) & synthetic).sum()),
         "cannot_tell": int((rating == midpoint).sum()),
         "histogram": histogram,
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
                 "thresholds": (thresholds * SCORE_MAX).clamp(max=SCORE_MAX).tolist()},
         "scale": {str(k): v for k, v in SCALE.items()},
-        "positive_class": REAL,
+        "positive_class": POSITIVE,
     }
     out_dir = Path(out_dir)
     summary["roc_plot"] = str(plot_roc(summary["roc"]["fpr"], summary["roc"]["tpr"], auroc, out_dir / "roc.png"))
