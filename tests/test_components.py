@@ -181,6 +181,17 @@ def test_widen_conv_in_keeps_the_function_on_the_first_four_channels(tiny):
         widen_conv_in(wide, 4)
 
 
+@pytest.mark.parametrize("init, scale", [("copy", 1.0), ("half", 0.5)])
+def test_widen_conv_in_can_start_from_the_latent_weights(tiny, init, scale):
+    old = tiny.unet.conv_in.weight.detach().clone()
+    wide = widen_conv_in(copy.deepcopy(tiny.unet), 9, init)
+    weight = wide.conv_in.weight.detach()
+    assert torch.equal(weight[:, :4], old * scale) and torch.equal(weight[:, 5:9], old * scale)
+    assert weight[:, 4].abs().max() == 0  # the mask channel starts at zero
+    with pytest.raises(ValueError, match="conv_in init"):
+        widen_conv_in(copy.deepcopy(tiny.unet), 9, "random")
+
+
 def test_load_components_widens_a_text_to_image_unet_for_inpainting(tmp_path, tiny):
     parts = load_components(tiny.source, inpaint_in_channels=9)
     assert parts.unet.config.in_channels == 9 and parts.is_inpaint

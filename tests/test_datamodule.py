@@ -272,3 +272,52 @@ def test_lightning_fit_without_validation(prepared, tokenizer):
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(PixelProbe(), datamodule=datamodule)
     assert trainer.global_step == 3 and datamodule.counts() == {"train": 24, "val": 0}
+
+
+def test_healthy_images_join_inpainting_under_their_own_caption(prepared, tokenizer):
+    from datamodule_helpers import tiny_vae
+
+    module = PreparedDataModule(str(prepared), task="inpaint", tokenizer=tokenizer, batch_size=4, val_fraction=0.25,
+                                healthy={"prompt": "", "share": 0.5}, latent_cache={"pixels": True})
+    module.set_vae(tiny_vae())
+    module.setup("fit")
+    train = module.train_dataset
+    lesion_count = len(train.lesions)
+    assert len(train.healthy) == lesion_count  # share 0.5 of the mix
+    assert not set(train.healthy.ids) & set(module.val_dataset.ids)  # validation images stay out
+    empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+    lesion, healthy = train[0], train[lesion_count]
+    assert lesion["mask"].sum() > 0 and healthy["mask"].sum() == 0
+    assert healthy["prompt"] == "" and torch.equal(healthy["input_ids"], empty)
+    assert lesion.keys() == healthy.keys() and "masked_latent_mean" not in healthy and "pixel_values" in healthy
+    batch = next(iter(module.train_dataloader()))  # lesion and healthy items collate into one batch
+    assert batch["mask"].shape == (4, 1, 32, 32)
+    assert module.attributes()["areas"] == sorted({r["area"] for r in train.lesions.records})
+    assert module.counts()["train"] == 2 * lesion_count
+
+
+def test_healthy_images_are_for_inpainting_only(prepared, tokenizer):
+    module = PreparedDataModule(str(prepared), task="text2image", tokenizer=tokenizer, healthy={"share": 0.5})
+    assert module.healthy is None
+    with pytest.raises(ValueError, match="unknown healthy key"):
+        PreparedDataModule(str(prepared), task="inpaint", tokenizer=tokenizer, healthy={"fraction": 0.5})
+
+
+def test_inpainting_can_keep_only_lesions_of_some_categories(prepared, tokenizer, tmp_path):
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("latent_cache"))
+    path = copy / "inpaint" / "metadata.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for number, row in enumerate(rows):
+        row["boxes"][0][4] = "Mass, Suspicious Calcification" if number % 3 == 0 else (
+            "calcification" if number % 3 == 1 else "Mass")
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    module = PreparedDataModule(str(copy), task="inpaint", tokenizer=tokenizer, batch_size=2, val_fraction=0.1,
+                                lesion_categories=["mass"])
+    module.setup("fit")
+    kept = set(module.train_dataset.ids) | set(module.val_dataset.ids)
+    assert kept == {r["id"] for number, r in enumerate(rows) if number % 3 != 1}
+    with pytest.raises(ValueError, match="no lesion box of categories"):
+        PreparedDataModule(str(copy), task="inpaint", tokenizer=tokenizer, lesion_categories=["architectural distortion"]).setup("fit")

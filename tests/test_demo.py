@@ -23,7 +23,14 @@ def test_quick_demo_runs_every_stage_and_writes_the_summary(tmp_path):
         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = (tmp_path / "demo" / "summary.md").read_text()
-    assert "Prompt fidelity — area agreement" in summary
+    assert "through stock StableDiffusionPipeline" in summary and "- area agreement:" in summary
+    assert "target ≥ 0.9 with every class ≥ 0.8" in summary
+    assert "by stock StableDiffusionInpaintPipeline" in summary and "no paste-back" in summary
+    assert "the VAE round trip" in summary and "target ≤ 1.5×" in summary and "target ≥ 0.5×" in summary
+    assert "| CPU seconds |" in summary and "target ≤ 15 min" in summary
+    report = json.loads((tmp_path / "demo" / "inpaint_fidelity" / "inpaint_fidelity.json").read_text())
+    assert report["paste_back"] is False and report["pipeline"].startswith("stock StableDiffusionInpaintPipeline")
+    assert (tmp_path / "demo" / "inpaint_fidelity" / "inpaint_fidelity_grid.png").is_file()
     assert (tmp_path / "demo" / "text2image" / "export" / "model_index.json").is_file()
     inpaint_index = json.loads((tmp_path / "demo" / "inpaint" / "export" / "unet" / "config.json").read_text())
     assert inpaint_index["in_channels"] == 9  # widened from the text-to-image model

@@ -192,3 +192,4 @@ def test_drop_prompts_replaces_whole_rows_at_the_given_rate():
     assert torch.equal(out, drop_prompts(ids, empty, 0.3, gen(15)))
     with pytest.raises(ValueError):
         drop_prompts(ids, empty, 1.5)
+

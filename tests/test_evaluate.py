@@ -171,6 +171,22 @@ def test_fidelity_report_counts_every_generated_image(eval_dir, tmp_path, capsys
         assert grid.size[1] == 6 * 64 + 5 * 2 and len(report["grid_rows"]) == 6
 
 
+def test_fidelity_through_stock_diffusers_measures_what_our_loader_measures(eval_dir, tmp_path):
+    """pipeline=stock is StableDiffusionPipeline.from_pretrained(folder) and nothing else: same images."""
+    ratios = {}
+    for kind in ("stock", "project"):
+        out = tmp_path / kind
+        run_cli(f"model_path={eval_dir}", f"out={out}", "mode=fidelity", f"pipeline={kind}",
+                "fidelity.images_per_prompt=1", "fidelity.measure_view=false", *FAST)
+        report = json.loads((out / "fidelity.json").read_text())
+        with open(out / "fidelity_images.csv") as handle:
+            ratios[kind] = [float(row["area_ratio"]) for row in csv.DictReader(handle)]
+        ratios[kind + "_scheduler"] = report["scheduler"]
+    assert ratios["stock_scheduler"] == "stock StableDiffusionPipeline (DPMSolverMultistepScheduler)"
+    assert ratios["project_scheduler"] == "dpmsolver++"
+    assert ratios["stock"] == pytest.approx(ratios["project"], abs=1e-3) and len(ratios["stock"]) == 6
+
+
 def test_fid_without_weights_skips_before_generating(eval_dir, tmp_path, capsys):
     real = write_prepared(tmp_path / "prepared" / "text2image", 4)
     out = tmp_path / "out"

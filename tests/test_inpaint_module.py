@@ -112,3 +112,50 @@ def test_latent_cache_training_matches_pixel_training_with_the_datamodule(model_
         runs.append(weights(m.unet))
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
     assert not same_weights(runs[0], weights(tiny(model_cache, inpaint=True).unet))
+
+
+def test_random_masks_reach_the_unet_with_their_masked_image_encoded(model_cache):
+    m = module(model_cache, masks={"lesion": 0.0, "box": 1.0, "keep_lesion": False})
+    batch = collate(toy_items(m.components, inpaint=True))
+    record, draw = {}, m.training_masks
+    capture_unet_input(m, record)
+    m.training_masks = lambda *args: record.setdefault("masks", draw(*args))
+    with torch.no_grad():
+        m.compute_loss(batch, step_generator(0, 3, 0, 0, "cpu"), 0.0)
+    x, (drawn, was_drawn) = record["x"], record["masks"]
+    assert was_drawn and not torch.equal(drawn, batch["mask"])
+    assert torch.equal(x[:, 4:5], F.interpolate(drawn, size=x.shape[-2:]))
+    # the masked-image channels hold the encoding of the image blanked under the drawn mask
+    with torch.no_grad():
+        blanked = m.vae.encode(batch["pixel_values"] * (drawn < 0.5)).latent_dist.mean
+        stale = m.vae.encode(batch["masked_pixel_values"]).latent_dist.mean
+    scaling = m.vae.config.scaling_factor
+    assert (x[:, 5:9] - blanked * scaling).abs().mean() < (x[:, 5:9] - stale * scaling).abs().mean()
+
+
+def test_lesion_only_masks_draw_nothing_and_random_masks_are_reproducible(model_cache):
+    m = module(model_cache)
+    batch = collate(toy_items(m.components, inpaint=True))
+    masks, drawn = m.training_masks(batch, step_generator(0, 0, 0, 0, "cpu"))
+    assert masks is batch["mask"] and not drawn
+    mixed = module(model_cache, masks={"lesion": 0.5, "stroke": 0.5})
+    with torch.no_grad():
+        a = mixed.compute_loss(batch, step_generator(5, 1, 0, 0, "cpu"), 0.1)
+        b = mixed.compute_loss(batch, step_generator(5, 1, 0, 0, "cpu"), 0.1)
+    assert a.item() == b.item()
+
+
+def test_random_masks_without_pixels_name_the_setting(model_cache):
+    m = module(model_cache, masks={"lesion": 0.0, "box": 1.0})
+    batch = cached_batch(m, toy_items(m.components, inpaint=True))
+    with pytest.raises(KeyError, match="pixels: true"):
+        m.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
+
+
+def test_conv_in_gets_its_own_learning_rate(model_cache):
+    m = module(model_cache, conv_in_lr_scale=10.0)
+    groups = m.configure_optimizers()["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in m.unet.conv_in.parameters()}
+    assert len(module(model_cache).configure_optimizers()["optimizer"].param_groups) == 1
+

@@ -39,7 +39,7 @@ FAST = {
     "mame_lightning.generate": ["device=cpu", "progress=false"],
     "mame_lightning.evaluate": ["device=cpu", "progress=false", "warmup=false", "guidance.steps=2",
                                 "guidance.images_per_prompt=2", "max_prompts=1", "fidelity.images_per_prompt=1",
-                                "fidelity.max_prompts=2"],
+                                "fidelity.max_prompts=2", "inpaint_fidelity.n=2"],
     "mame_lightning.app": ["model.device=cpu"],
 }
 COMPOSE_ONLY_KEYS = ("dataset", "model", "experiment", "dataset.prepared_dir")  # real data or full-size models

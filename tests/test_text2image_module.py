@@ -342,3 +342,26 @@ def test_task_configs_build_their_modules(mame_root, task, overrides, expected):
     assert type(built).__name__ == expected
     assert built.hparams.seed == cfg.seed
     assert built.configure_optimizers()["lr_scheduler"]["interval"] == "step"
+
+
+def test_cosine_schedule_decays_to_zero_at_max_steps():
+    from mame_lightning.models.text2image import lr_scheduler
+
+    def lrs(name, warmup):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = lr_scheduler(optimizer, name, warmup, 100)
+        values = []
+        for _ in range(100):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return values
+
+    cosine = lrs("cosine", 10)
+    assert cosine[0] == 0 and cosine[10] == pytest.approx(1.0) and cosine[-1] < 0.01
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    assert set(lrs("constant", 0)) == {1.0}
+    with pytest.raises(ValueError, match="max_steps"):
+        lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "cosine", 0, -1)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "step", 0, 10)

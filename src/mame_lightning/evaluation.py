@@ -26,7 +26,7 @@ from mame_lightning.evaluation_inputs import (EvaluationError, attribute_combina
 from mame_lightning.pipelines.generation import text2image
 from mame_lightning.pipelines.loading import LoadedModel, load_model
 
-MODES = ("sweep", "fidelity", "fid", "all", "reader_make", "reader_score")
+MODES = ("sweep", "fidelity", "fid", "all", "reader_make", "reader_score", "inpaint_fidelity")
 MODEL_MODES = ("sweep", "fidelity", "fid")
 SUMMARY_FILE = "summary.json"
 
@@ -172,7 +172,7 @@ def fidelity_model(model: LoadedModel, label: str, cfg: DictConfig, out: Path, t
                                                       title=f"{label}: {attribute} (prompt vs image)"))
     if "view" in report:
         report["view"]["method"] = "pectoral heuristic (validated on synthetic phantoms only)"
-    result = {"model": label, "model_path": model.path, "guidance": float(fcfg.guidance),
+    result = {"model": label, "model_path": model.path, "scheduler": model.scheduler, "guidance": float(fcfg.guidance),
               "images_per_prompt": int(fcfg.images_per_prompt), "prompts": len(combos), "n_images": len(records),
               "attributes": report, "images_csv": str(out / "fidelity_images.csv")}
     # one row per attribute combination: what each prompt looks like, at a glance
@@ -265,7 +265,7 @@ def evaluate_models(cfg: DictConfig, out: Path, modes: Sequence[str], scales: Se
             break
         several = len(paths) > 1
         model_out, tag = (out / label, f" ({label})") if several else (out, "")
-        model = load_model(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.guidance.scheduler)
+        model = load_for(cfg, path, "project")
         if model.task != "text2image":
             raise EvaluationError(f"{path} is an {model.task} model; sweep, fidelity and fid evaluate text2image models")
         if "sweep" in modes:
@@ -284,6 +284,26 @@ def evaluate_models(cfg: DictConfig, out: Path, modes: Sequence[str], scales: Se
         print(f"sweep: {results['sweep']['csv']}, {results['sweep']['table']}, {results['sweep']['plot']}; "
               f"sample grids in {out / 'samples'}; tensorboard --logdir {out / 'tensorboard'}")
     return results
+
+
+def load_for(cfg: DictConfig, path: str, default: str) -> LoadedModel:
+    """`pipeline=stock`: plain `from_pretrained` (the folder's scheduler, fp32); project: our loader."""
+    from mame_lightning.pipelines.stock import STOCK, load_stock
+
+    kind = str(cfg.get("pipeline") or default)
+    if kind not in (STOCK, "project"):
+        raise EvaluationError(f"pipeline must be project or stock, got {kind!r}")
+    if kind == STOCK:
+        return load_stock(path, device=cfg.device)
+    return load_model(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.guidance.scheduler)
+
+
+def run_inpaint_fidelity(cfg: DictConfig, out: str | Path) -> dict:
+    """Paint healthy images through real lesion masks with the plain pipeline (stock unless told)."""
+    from mame_lightning.evaluation_inpaint import run_inpaint_fidelity as run_on
+
+    path = check_model_paths(model_paths(cfg))[0]
+    return run_on(cfg, Path(out), model=load_for(cfg, path, "stock"))
 
 
 def release_memory() -> None:
@@ -352,6 +372,9 @@ def run(cfg: DictConfig, out: str | Path | None = None, multirun_overrides: Sequ
         summary["reader_study"] = run_reader_make(cfg, out)
     elif mode == "reader_score":
         summary["reader_study"] = run_reader_score(cfg, out)
+    elif mode == "inpaint_fidelity":
+        summary["models"] = model_paths(cfg)
+        summary["inpaint_fidelity"] = run_inpaint_fidelity(cfg, out)
     else:
         modes = MODEL_MODES if mode == "all" else (mode,)
         if mode == "all" and not cfg.real_dir:

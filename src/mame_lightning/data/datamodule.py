@@ -256,6 +256,8 @@ class PreparedDataModule(lightning.LightningDataModule):
         resolution: int | None = None,
         dataset_name: str | None = None,
         sampling: str = "epoch",
+        healthy: Mapping | None = None,
+        lesion_categories: Sequence[str] | None = None,
     ):
         super().__init__()
         if sampling not in ("epoch", "stream"):
@@ -277,8 +279,14 @@ class PreparedDataModule(lightning.LightningDataModule):
         self.prepare_fn = prepare_fn
         self.resolution = resolution
         self.dataset_name = dataset_name
+        from mame_lightning.data.inpaint_mix import healthy_options  # imports this module: keep it lazy
+
+        # inpainting only: healthy images (text2image/) join training under their own caption
+        self.healthy = healthy_options(healthy) if task == "inpaint" else None
+        self.lesion_categories = list(lesion_categories) if lesion_categories and task == "inpaint" else None
         cache_options = latent_cache_options(latent_cache)
         self.vae = cache_options.pop("vae", None)
+        self.cache_pixels = bool(cache_options.pop("pixels", False))
         self.latent_cache_options = cache_options
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -326,6 +334,13 @@ class PreparedDataModule(lightning.LightningDataModule):
         full = PreparedImageDataset(
             self.prepared_dir, self.task, self.tokenizer, resolution=self.resolution
         )
+        if self.lesion_categories:
+            from mame_lightning.data.inpaint_mix import lesion_ids
+
+            ids = lesion_ids(full.records, self.lesion_categories)
+            if not ids:
+                raise ValueError(f"{self.metadata_path}: no lesion box of categories {self.lesion_categories}")
+            full = full.subset(ids)
         train_ids, val_ids = split_ids(full.ids, self.val_fraction, self.val_max, self.seed)
         train, val = full.subset(train_ids), full.subset(val_ids)
         if self.drop_last and len(train) < self.batch_size:
@@ -335,10 +350,12 @@ class PreparedDataModule(lightning.LightningDataModule):
             )
         if self.uses_latent_cache:
             train, val = self._cached(full, train, val)
+        if self.healthy is not None:
+            train = self._with_healthy(train)
         self.train_dataset, self.val_dataset = train, val
 
-    def _cached(self, full, train, val) -> tuple[Dataset, Dataset]:
-        """Encode (or reuse) the cache for the whole task folder, then serve latents from it."""
+    def _cache_of(self, full: PreparedImageDataset) -> Path:
+        """Encode (or reuse) the latent cache of a whole task folder."""
         from mame_lightning.data import latent_cache  # imports this module: keep it lazy
 
         if self.vae is None:
@@ -356,11 +373,35 @@ class PreparedDataModule(lightning.LightningDataModule):
                 storage_dtype=options.get("dtype"),
             )
 
-        self.latent_cache_path = self._rank_zero_first(build)
+        return self._rank_zero_first(build)
+
+    def _cached(self, full, train, val) -> tuple[Dataset, Dataset]:
+        """Serve the splits' latents from the task folder's cache."""
+        from mame_lightning.data.latent_cache import LatentCacheDataset
+
+        self.latent_cache_path = self._cache_of(full)
         return (
-            latent_cache.LatentCacheDataset(train, self.latent_cache_path),
-            latent_cache.LatentCacheDataset(val, self.latent_cache_path),
+            LatentCacheDataset(train, self.latent_cache_path, pixels=self.cache_pixels),
+            LatentCacheDataset(val, self.latent_cache_path, pixels=self.cache_pixels),
         )
+
+    def _with_healthy(self, lesions: Dataset) -> Dataset:
+        """Training lesion images plus a share of the healthy training images (data/inpaint_mix.py)."""
+        from mame_lightning.data import inpaint_mix
+        from mame_lightning.data.latent_cache import LatentCacheDataset
+
+        if not (task_folder(self.prepared_dir, "text2image") / "metadata.jsonl").is_file():
+            raise FileNotFoundError(f"healthy images for inpainting: {task_folder(self.prepared_dir, 'text2image')}"
+                                    "/metadata.jsonl not found (set datamodule.healthy=null to train without them)")
+        full = PreparedImageDataset(self.prepared_dir, "text2image", self.tokenizer, resolution=self.resolution)
+        train_ids, _ = split_ids(full.ids, self.val_fraction, self.val_max, self.seed)
+        count = inpaint_mix.healthy_count(float(self.healthy["share"]), len(lesions), len(train_ids))
+        chosen = full.subset(inpaint_mix.pick_healthy(train_ids, count, self.seed))
+        healthy = inpaint_mix.recaption(chosen, str(self.healthy["prompt"]), self.tokenizer)
+        if self.uses_latent_cache:
+            healthy = LatentCacheDataset(healthy, self._cache_of(full), pixels=self.cache_pixels)
+        mask_size = tuple(lesions[0]["mask"].shape[-2:])
+        return inpaint_mix.InpaintMix(lesions, healthy, mask_size)
 
     def _rank_zero_first(self, fn: Callable[[], Any]) -> Any:
         """Under several processes rank 0 builds first; the others then find and reuse it."""

@@ -197,11 +197,13 @@ class LatentCacheDataset(Dataset):
     """A PreparedImageDataset whose images are served as cached latent distributions.
 
     Items: latent_mean, latent_logvar (C×h×w), input_ids, prompt, id, index; inpainting adds
-    masked_latent_mean, masked_latent_logvar and the full-resolution mask (1×H×W).
+    masked_latent_mean, masked_latent_logvar and the full-resolution mask (1×H×W). With `pixels`
+    the image pixels come too (inpainting with random masks encodes its masked images per step).
     """
 
-    def __init__(self, images: PreparedImageDataset, cache_path: str | Path):
+    def __init__(self, images: PreparedImageDataset, cache_path: str | Path, pixels: bool = False):
         self.images = images
+        self.pixels = bool(pixels)
         self.cache_path = Path(cache_path)
         index = read_index(self.cache_path)
         if index is None:
@@ -250,4 +252,6 @@ class LatentCacheDataset(Dataset):
             item[name] = shard.get_slice(name)[row]
         if self.images.task == "inpaint":
             item["mask"] = self.images.load_mask(index)
+        if self.pixels:
+            item["pixel_values"] = self.images.load_pixels(index)
         return item

@@ -158,12 +158,20 @@ def _check_tokenizer(tokenizer, text_encoder, path: str) -> None:
         )
 
 
-def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
-    """Give the UNet more input channels whose weights are zero, so it computes the same function.
+WIDEN_INITS = ("zero", "copy", "half")
 
-    This is how an inpainting UNet (latents + mask + masked-image latents) starts from a
-    text-to-image one.
+
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int, init: str = "zero") -> UNet2DConditionModel:
+    """Give the UNet more input channels, the way an inpainting UNet (latents + mask + masked-image
+    latents) starts from a text-to-image one.
+
+    init: "zero" (new weights zero: the same function as before, but the mask and the masked image
+    are ignored until training moves them), "copy" (the masked-image channels get the latent
+    channels' weights, so the known image is seen from the first step; the mask channel starts at
+    zero), "half" (as copy, with latent and masked-image weights halved so their sum keeps the scale).
     """
+    if init not in WIDEN_INITS:
+        raise ValueError(f"conv_in init must be one of {WIDEN_INITS}, got {init!r}")
     old = unet.conv_in
     if in_channels < old.in_channels:
         raise ValueError(f"cannot narrow conv_in from {old.in_channels} to {in_channels} input channels")
@@ -178,9 +186,15 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditi
         device=old.weight.device,
         dtype=old.weight.dtype,
     )
+    latent = old.in_channels
     with torch.no_grad():
         new.weight.zero_()
-        new.weight[:, : old.in_channels] = old.weight
+        new.weight[:, :latent] = old.weight
+        masked = slice(latent + 1, min(in_channels, 2 * latent + 1))  # diffusers' order: latents, mask, masked image
+        if init != "zero" and in_channels >= 2 * latent + 1:
+            scale = 0.5 if init == "half" else 1.0
+            new.weight[:, :latent] = old.weight * scale
+            new.weight[:, masked] = old.weight * scale
         new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
@@ -198,6 +212,7 @@ def load_components(
     inpaint_in_channels: int | None = None,
     local_files_only: bool | None = None,
     vae_path: str | None = None,
+    inpaint_init: str = "zero",
 ) -> SDComponents:
     """Load the parts of a Stable Diffusion pipeline (hub id or folder) ready for training.
 
@@ -206,6 +221,7 @@ def load_components(
     Frozen parts are cast to `frozen_dtype` (float32 when None) and have gradients off.
     `vae_path` swaps in another AutoencoderKL folder (e.g. one fine-tuned with task=autoencoder).
     `pretrained` is the config's name for `path` (a hub id or a diffusers folder); `path` wins.
+    `inpaint_init` is how a UNet widened to `inpaint_in_channels` starts (see `widen_conv_in`).
     """
     if not (path or pretrained):
         raise ValueError("load_components needs a hub id or folder (model.pretrained=...)")
@@ -226,7 +242,7 @@ def load_components(
     frozen = _dtype(frozen_dtype) or torch.float32
     unet.to(torch.float32)
     if inpaint_in_channels is not None:
-        widen_conv_in(unet, int(inpaint_in_channels))
+        widen_conv_in(unet, int(inpaint_in_channels), inpaint_init)
     vae.to(frozen).requires_grad_(False).eval()
     if train_text_encoder:
         text_encoder.to(torch.float32).requires_grad_(True)

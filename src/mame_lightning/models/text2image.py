@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.optimization import get_constant_schedule_with_warmup, get_scheduler
 
 from mame_lightning.models import diffusion
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
@@ -91,6 +91,7 @@ class Text2ImageModule(L.LightningModule):
         components,
         optimizer: Callable | None = None,
         lr_warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         train_unet: bool = True,
         train_text_encoder: bool = True,
         snr_gamma: float | None = None,
@@ -113,6 +114,8 @@ class Text2ImageModule(L.LightningModule):
                              f"{max_skipped_fraction} and {max_consecutive_skipped}")
         if not (train_unet or train_text_encoder):
             raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         ema = plain_options(ema)  # plain types in the checkpoint: it loads with weights_only=True
@@ -314,15 +317,19 @@ class Text2ImageModule(L.LightningModule):
         self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["input_ids"]))
         return loss
 
+    def optimizer_parameters(self) -> list:
+        """What the optimiser updates: every trainable weight (subclasses may return param groups)."""
+        return [p for module in self.trainable_modules() for p in module.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError(
                 f"{type(self).__name__} was built without an optimizer: pass optimizer=<partial "
                 "taking the parameters>, e.g. hydra's conf/optimizer with _partial_: true"
             )
-        parameters = [p for module in self.trainable_modules() for p in module.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(parameters)
-        scheduler = get_constant_schedule_with_warmup(optimizer, int(self.hparams.lr_warmup_steps))
+        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        scheduler = lr_scheduler(optimizer, self.hparams.get("lr_schedule", "constant"),
+                                 int(self.hparams.lr_warmup_steps), self._trainer.max_steps if self._trainer else -1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # -- EMA and checkpoints ----------------------------------------------------------------
@@ -355,6 +362,23 @@ class Text2ImageModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
         elif self.ema is not None:
             log.warning("checkpoint has no EMA state: the average starts from this module's weights")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int):
+    """Warmup, then constant (the default), or a cosine / linear decay to zero at max_steps.
+
+    A decay lets a short run settle instead of ending at full step size (the demo's recipes use it).
+    """
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
+    if name == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(f"lr_schedule={name} decays to zero at trainer.max_steps; set trainer.max_steps (> 0)")
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=int(max_steps))
 
 
 def check_master_weights(module: torch.nn.Module) -> None:
