@@ -5,14 +5,29 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo app chromium dicom3tools slurm bench bench-prepare utility clean
+.PHONY: setup lock test test-fast demo app chromium dicom3tools slurm bench bench-prepare utility clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions the suite passed with, so a later install does not drift.
+LOCK    := constraints.txt
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# Re-resolve every dependency from pyproject.toml in a scratch venv and write the versions to constraints.txt
+# (then run `make test` and commit both files together).
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet "$(TORCH)"
+	.lock-venv/bin/pip install --quiet -e ".[dev]"
+	( echo "# make lock: the versions the test suite passed with (pip install -c constraints.txt ...)"; \
+	  .lock-venv/bin/pip freeze --exclude-editable | sed -e 's/^torch==\([0-9.]*\)+.*/torch==\1/' | grep -v '^-e ' ) > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 setup: $(STAMP)
 

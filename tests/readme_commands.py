@@ -90,7 +90,7 @@ PATH_KEYS = {"out", "image", "mask", "ckpt", "config", "ratings", "key", "weight
 def is_path_key(key: str) -> bool:
     """Keys whose values are paths (where an upper-case word is a placeholder, not a view like MLO)."""
     last = key.lstrip("+~").split(".")[-1]
-    return last in PATH_KEYS or last.endswith(("_dir", "_path"))
+    return last in PATH_KEYS or last.endswith(("_dir", "_path", "_model"))
 
 
 def substitute_args(command: Command, places: dict[str, str]) -> list[str]:

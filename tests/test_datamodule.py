@@ -301,3 +301,23 @@ def test_healthy_images_are_for_inpainting_only(prepared, tokenizer):
     assert module.healthy is None
     with pytest.raises(ValueError, match="unknown healthy key"):
         PreparedDataModule(str(prepared), task="inpaint", tokenizer=tokenizer, healthy={"fraction": 0.5})
+
+
+def test_inpainting_can_keep_only_lesions_of_some_categories(prepared, tokenizer, tmp_path):
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("latent_cache"))
+    path = copy / "inpaint" / "metadata.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for number, row in enumerate(rows):
+        row["boxes"][0][4] = "Mass, Suspicious Calcification" if number % 3 == 0 else (
+            "calcification" if number % 3 == 1 else "Mass")
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    module = PreparedDataModule(str(copy), task="inpaint", tokenizer=tokenizer, batch_size=2, val_fraction=0.1,
+                                lesion_categories=["mass"])
+    module.setup("fit")
+    kept = set(module.train_dataset.ids) | set(module.val_dataset.ids)
+    assert kept == {r["id"] for number, r in enumerate(rows) if number % 3 != 1}
+    with pytest.raises(ValueError, match="no lesion box of categories"):
+        PreparedDataModule(str(copy), task="inpaint", tokenizer=tokenizer, lesion_categories=["architectural distortion"]).setup("fit")

@@ -193,11 +193,3 @@ def test_drop_prompts_replaces_whole_rows_at_the_given_rate():
     with pytest.raises(ValueError):
         drop_prompts(ids, empty, 1.5)
 
-
-def test_element_weights_scale_each_squared_error():
-    from mame_lightning.models.diffusion import diffusion_loss
-
-    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
-    weights = torch.tensor([[[[1.0, 3.0], [1.0, 1.0]]]])
-    assert diffusion_loss(pred, target, element_weights=weights).item() == pytest.approx(1.5)
-    assert diffusion_loss(pred, target).item() == pytest.approx(1.0)

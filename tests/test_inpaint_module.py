@@ -159,15 +159,3 @@ def test_conv_in_gets_its_own_learning_rate(model_cache):
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in m.unet.conv_in.parameters()}
     assert len(module(model_cache).configure_optimizers()["optimizer"].param_groups) == 1
 
-
-def test_mask_loss_weight_counts_the_masked_cells_more(model_cache):
-    plain, weighted = module(model_cache), module(model_cache, mask_loss_weight=5.0)
-    batch = collate(toy_items(plain.components, inpaint=True))
-    with torch.no_grad():
-        a = plain.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
-        b = weighted.compute_loss(batch, step_generator(0, 0, 0, 0, "cpu"), 0.0)
-    x = torch.cat([torch.zeros(4, 4, 8, 8), F.interpolate(batch["mask"], size=(8, 8)), torch.zeros(4, 4, 8, 8)], 1)
-    weights = weighted.element_weights(x)
-    assert plain.element_weights(x) is None
-    assert set(weights.unique().tolist()) == {1.0, 5.0} and torch.equal(weights == 5.0, x[:, 4:5] > 0.5)
-    assert b.item() > a.item()  # the same errors, with four extra shares of those under the mask

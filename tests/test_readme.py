@@ -39,7 +39,7 @@ FAST = {
     "mame_lightning.generate": ["device=cpu", "progress=false"],
     "mame_lightning.evaluate": ["device=cpu", "progress=false", "warmup=false", "guidance.steps=2",
                                 "guidance.images_per_prompt=2", "max_prompts=1", "fidelity.images_per_prompt=1",
-                                "fidelity.max_prompts=2"],
+                                "fidelity.max_prompts=2", "inpaint_fidelity.n=2"],
     "mame_lightning.app": ["model.device=cpu"],
 }
 COMPOSE_ONLY_KEYS = ("dataset", "model", "experiment", "dataset.prepared_dir")  # real data or full-size models
@@ -105,7 +105,8 @@ def places_for(command: Command, world: dict, work: Path) -> dict[str, str]:
     places.update({"DIR": str(work / "dir"), "OUT": str(work / "out"), "STUDY": str(study),
                    "x0,y0,x1,y1": "20,30,70,90", "N": "4", "pt_inception.pth": str(work / "pt_inception.pth"),
                    "/data/prepared/vindr": str(world["root"] / "prepared" / "vindr"),
-                   "/data/prepared/omi_h": str(world["root"] / "prepared" / "omi_h")})
+                   "/data/prepared/omi_h": str(world["root"] / "prepared" / "omi_h"),
+                   "T2I_EXPORT": str(world["RUN"] / "export"), "INPAINT_EXPORT": str(world["INPAINT_RUN"] / "export")})
     return places
 
 
@@ -238,6 +239,9 @@ def test_readme_command_runs(command, world, tmp_path):
     if command.module == "mame_lightning.demo":  # tests/test_demo.py runs the quick demo itself
         proc = run([command.module, *args, "--help"], world, work, timeout=120)
         assert "--quick" in proc.stdout
+        return
+    if command.module == "mame_lightning.utility":  # minutes of work; tests/test_utility_cli.py runs it end to end
+        check_composes(command, args, world, work)
         return
     if command.module == "mame_lightning.train" and compose_only(command):
         check_composes(command, args, world, work)

@@ -173,9 +173,10 @@ def summary_lines(report: dict) -> list[str]:
         f"inpainting fidelity — outside the mask: change {outside['change']:.1f} grey levels = "
         f"{outside['ratio']:.2f}× the VAE round trip ({outside['vae_roundtrip']:.1f}); target ≤ "
         f"{outside['target']}×: {verdict[outside['pass']]}",
-        f"inpainting fidelity — lesion contrast: {lesion['ratio']:.2f}× real lesions' (painted "
-        f"{lesion['painted']:.1f}, real {lesion['real']:.1f} grey levels; by category: {categories}); target ≥ "
-        f"{lesion['target']}× overall and per category: {verdict[lesion['pass']]}",
+        f"inpainting fidelity — lesion contrast: {lesion['ratio']:.2f}× real lesions' (mean painted "
+        f"{lesion['painted']:.1f}, real {lesion['real']:.1f} grey levels; {lesion['visible']:.0%} of cases at least "
+        f"{lesion['target']}× real; by category: {categories}); target ≥ {lesion['target']}× overall and per "
+        f"category: {verdict[lesion['pass']]}",
     ] + ([f"inpainting fidelity — not judged: {', '.join(lesion['unmeasurable'])} (real lesions' contrast within "
           "healthy tissue's spread at this image size)"] if lesion["unmeasurable"] else [])
 

@@ -257,6 +257,7 @@ class PreparedDataModule(lightning.LightningDataModule):
         dataset_name: str | None = None,
         sampling: str = "epoch",
         healthy: Mapping | None = None,
+        lesion_categories: Sequence[str] | None = None,
     ):
         super().__init__()
         if sampling not in ("epoch", "stream"):
@@ -282,6 +283,7 @@ class PreparedDataModule(lightning.LightningDataModule):
 
         # inpainting only: healthy images (text2image/) join training under their own caption
         self.healthy = healthy_options(healthy) if task == "inpaint" else None
+        self.lesion_categories = list(lesion_categories) if lesion_categories and task == "inpaint" else None
         cache_options = latent_cache_options(latent_cache)
         self.vae = cache_options.pop("vae", None)
         self.cache_pixels = bool(cache_options.pop("pixels", False))
@@ -332,6 +334,13 @@ class PreparedDataModule(lightning.LightningDataModule):
         full = PreparedImageDataset(
             self.prepared_dir, self.task, self.tokenizer, resolution=self.resolution
         )
+        if self.lesion_categories:
+            from mame_lightning.data.inpaint_mix import lesion_ids
+
+            ids = lesion_ids(full.records, self.lesion_categories)
+            if not ids:
+                raise ValueError(f"{self.metadata_path}: no lesion box of categories {self.lesion_categories}")
+            full = full.subset(ids)
         train_ids, val_ids = split_ids(full.ids, self.val_fraction, self.val_max, self.seed)
         train, val = full.subset(train_ids), full.subset(val_ids)
         if self.drop_last and len(train) < self.batch_size:

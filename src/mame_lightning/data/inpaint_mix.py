@@ -1,4 +1,5 @@
-"""Healthy images joining inpainting training, under their own caption and with no lesion.
+"""What an inpainting training set holds: lesion images (optionally of some categories only) and
+healthy images joining them under their own caption, with no lesion.
 
 With only lesion images, the conditional and the unconditional (dropped-prompt) branches learn the
 same thing and classifier-free guidance has nothing to amplify. Healthy images captioned with a
@@ -75,6 +76,22 @@ class InpaintMix(Dataset):
         return item
 
 
+def category_parts(name: str | None) -> set[str]:
+    """'Mass, Suspicious Calcification' -> {'mass', 'suspicious calcification'} (case does not count)."""
+    return {" ".join(part.split()).casefold() for part in str(name or "").split(",") if part.strip()}
+
+
+def lesion_ids(records: list[dict], categories) -> list[str]:
+    """Ids of the lesion images with at least one box of one of `categories`.
+
+    Lesions the images cannot show (the 64 px phantoms' sub-pixel calcifications) would teach a
+    model that a lesion box holds nothing visible as often as not.
+    """
+    wanted = set().union(*(category_parts(c) for c in categories))
+    return [r["id"] for r in records
+            if any(category_parts(box[4] if len(box) > 4 else "lesion") & wanted for box in r.get("boxes") or [])]
+
+
 def healthy_options(healthy: Mapping | None) -> dict | None:
     """None (off) or {"prompt", "share"}; unknown keys are an error naming them."""
     if not healthy:
@@ -88,4 +105,5 @@ def healthy_options(healthy: Mapping | None) -> dict | None:
     return options
 
 
-__all__ = ["InpaintMix", "healthy_count", "pick_healthy", "recaption", "healthy_options", "LESION_ONLY_KEYS"]
+__all__ = ["InpaintMix", "healthy_count", "pick_healthy", "recaption", "healthy_options", "category_parts",
+           "lesion_ids", "LESION_ONLY_KEYS"]

@@ -6,7 +6,7 @@ Two measures on healthy images painted through real lesion masks, with no paste-
   reach of the latent mask), relative to the VAE's own round-trip error on the same pixels. A
   latent-diffusion model cannot do better than its VAE, so 1.0 is perfect keeping; a model that
   repaints the whole image scores several times that.
-- lesion contrast: mean inside the mask minus mean in a ring around it, relative to the same
+- lesion contrast: mean inside the mask minus mean in a ring around it, relative to the average
   contrast of the real lesions of that category in the prepared set (1.0 = as conspicuous as a
   real lesion, 0 = nothing painted, negative = darker than its surroundings).
 
@@ -170,16 +170,28 @@ def _healthy_for(lesion: Lesion, order, tissues, used, ring_px: int):
     return candidates(strict=True) or candidates(strict=False)
 
 
+def _finite_mean(values) -> float:
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def score_cases(cases: Sequence[Case], painted: Sequence[np.ndarray], roundtrip: Sequence[np.ndarray],
                 real: dict[str, list[float]], ring_px: int, grow_px: int) -> dict:
-    """The report: outside change vs VAE round trip, contrast vs real lesions (overall and per category)."""
+    """The report: outside change vs VAE round trip, contrast vs real lesions (overall and per category).
+
+    Contrast ratios are ratios of means (painted cases over real lesions of the category): a model
+    that paints a lesion in some cases and nothing in others scores its average conspicuity, which
+    a median would turn into a coin flip. `visible` is the share of cases painted at least
+    CONTRAST_TARGET times as conspicuous as the category's average real lesion.
+    """
     if not cases:
         raise ValueError("no inpainting cases to score")
+    real_mean = {key: _finite_mean(values) for key, values in real.items()}
     rows = []
     for case, out, rt in zip(cases, painted, roundtrip, strict=True):
         outside = outside_region(case.mask, grow_px)
         key = category_key(case.lesion.category)
-        real_median = float(np.median(real[key])) if real.get(key) else float("nan")
+        reference = real_mean.get(key, float("nan"))
         painted_contrast = contrast(out, case.mask, ring_px)
         rows.append({"healthy_id": case.healthy_id, "lesion_image_id": case.lesion.image_id, "category": key,
                      "seed": case.seed, "box": [round(v, 2) for v in (case.lesion.box.x0, case.lesion.box.y0,
@@ -187,25 +199,27 @@ def score_cases(cases: Sequence[Case], painted: Sequence[np.ndarray], roundtrip:
                      "outside_change": mean_abs_change(out, case.image, outside),
                      "vae_roundtrip": mean_abs_change(rt, case.image, outside),
                      "contrast": painted_contrast, "input_contrast": contrast(case.image, case.mask, ring_px),
-                     "real_contrast": real_median, "contrast_ratio": painted_contrast / real_median
-                     if real_median and np.isfinite(real_median) else float("nan")})
+                     "real_contrast": reference,
+                     "contrast_ratio": painted_contrast / reference if reference and np.isfinite(reference)
+                     else float("nan")})
     outside_change = float(np.mean([r["outside_change"] for r in rows]))
     vae = float(np.mean([r["vae_roundtrip"] for r in rows]))
     outside_ratio = outside_change / vae if vae > 0 else float("inf")
     categories = {}
     for key in sorted({r["category"] for r in rows}):
         mine = [r for r in rows if r["category"] == key]
-        real_median = float(np.median(real[key])) if real.get(key) else float("nan")
-        painted_median = float(np.nanmedian([r["contrast"] for r in mine]))
-        ratio = painted_median / real_median if real_median else float("nan")
+        values = real.get(key, [])
         noise = healthy_spread([r["input_contrast"] for r in mine])
-        measurable = bool(np.isfinite(real_median) and real_median >= MEASURABLE_SPREADS * noise)
-        categories[key] = {"n": len(mine), "painted_contrast": painted_median, "real_contrast": real_median,
-                           "real_n": len(real.get(key, [])), "ratio": ratio, "healthy_spread": noise,
-                           "measurable": measurable,
+        measurable = bool(values and np.median(values) >= MEASURABLE_SPREADS * noise)
+        ratio = _finite_mean(r["contrast_ratio"] for r in mine)
+        categories[key] = {"n": len(mine), "painted_contrast": _finite_mean(r["contrast"] for r in mine),
+                           "real_contrast": real_mean.get(key, float("nan")), "real_n": len(values), "ratio": ratio,
+                           "visible": float(np.mean([r["contrast_ratio"] >= CONTRAST_TARGET for r in mine])),
+                           "healthy_spread": noise, "measurable": measurable,
                            "pass": bool(np.isfinite(ratio) and ratio >= CONTRAST_TARGET) if measurable else None}
     judged = [r for r in rows if categories[r["category"]]["measurable"]]
-    overall = float(np.nanmedian([r["contrast_ratio"] for r in judged])) if judged else float("nan")
+    overall = _finite_mean(r["contrast_ratio"] for r in judged)
+    judged_real = [v for key, values in real.items() if categories.get(key, {}).get("measurable") for v in values]
     return {
         "n": len(rows),
         "outside": {"change": outside_change, "vae_roundtrip": vae, "ratio": outside_ratio,
@@ -213,10 +227,11 @@ def score_cases(cases: Sequence[Case], painted: Sequence[np.ndarray], roundtrip:
         "contrast": {"ratio": overall, "target": CONTRAST_TARGET,
                      "pass": bool(np.isfinite(overall) and overall >= CONTRAST_TARGET
                                   and all(c["pass"] is not False for c in categories.values())),
+                     "visible": float(np.mean([r["contrast_ratio"] >= CONTRAST_TARGET for r in judged]))
+                     if judged else float("nan"),
                      "unmeasurable": [k for k, c in categories.items() if not c["measurable"]],
-                     "painted": float(np.nanmedian([r["contrast"] for r in judged])) if judged else float("nan"),
-                     "real": float(np.median([v for key, values in real.items() for v in values
-                                              if categories.get(key, {}).get("measurable")] or [np.nan])),
+                     "painted": _finite_mean(r["contrast"] for r in judged),
+                     "real": _finite_mean(judged_real),
                      "categories": categories},
         "ring_px": ring_px, "grow_px": grow_px, "rows": rows,
     }

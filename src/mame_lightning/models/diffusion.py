@@ -62,20 +62,14 @@ def snr_weights(scheduler, timesteps: Tensor, gamma: float, prediction_type: str
 
 
 def diffusion_loss(pred: Tensor, target: Tensor, snr_gamma: float | None = None, scheduler=None,
-                   timesteps: Tensor | None = None, element_weights: Tensor | None = None) -> Tensor:
-    """Mean squared error in float32; with `snr_gamma`, each sample weighted by Min-SNR-γ; with
-    `element_weights` (broadcastable to pred), each latent element weighted before averaging."""
+                   timesteps: Tensor | None = None) -> Tensor:
+    """Mean squared error in float32; with `snr_gamma`, each sample weighted by Min-SNR-γ."""
     pred, target = pred.float(), target.float()
-    if snr_gamma is None and element_weights is None:
-        return F.mse_loss(pred, target)
-    squared = F.mse_loss(pred, target, reduction="none")
-    if element_weights is not None:
-        squared = squared * element_weights.float().to(squared.device)
     if snr_gamma is None:
-        return squared.mean()
+        return F.mse_loss(pred, target)
     if scheduler is None or timesteps is None:
         raise ValueError("diffusion_loss with snr_gamma needs the scheduler and the timesteps")
-    per_sample = squared.mean(dim=list(range(1, pred.ndim)))
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
     weights = snr_weights(scheduler, timesteps, snr_gamma, scheduler.config.prediction_type)
     return (per_sample * weights.to(per_sample.device)).mean()
 

@@ -19,31 +19,17 @@ from mame_lightning.models.text2image import Text2ImageModule
 
 
 class InpaintModule(Text2ImageModule):
-    """Text2ImageModule's options plus `masks` (the mask mix), `conv_in_lr_scale` (a learning rate
-    multiplier for the UNet's input convolution, whose mask and masked-image weights are new) and
-    `mask_loss_weight` (how much more the loss counts under the mask)."""
+    """Text2ImageModule's options plus `masks` (the mask mix) and `conv_in_lr_scale` (a learning rate
+    multiplier for the UNet's input convolution, whose mask and masked-image weights are new)."""
 
     task = "inpaint"
 
-    def __init__(self, components, *args, masks: Mapping | None = None, conv_in_lr_scale: float = 1.0,
-                 mask_loss_weight: float = 1.0, **kwargs):
+    def __init__(self, components, *args, masks: Mapping | None = None, conv_in_lr_scale: float = 1.0, **kwargs):
         self.mask_mix = MaskMix.from_config(masks)
         if conv_in_lr_scale <= 0:
             raise ValueError(f"conv_in_lr_scale must be > 0, got {conv_in_lr_scale}")
-        if mask_loss_weight <= 0:
-            raise ValueError(f"mask_loss_weight must be > 0, got {mask_loss_weight}")
         super().__init__(components, *args, **kwargs)
-        self.save_hyperparameters({"masks": dict(masks or {}), "conv_in_lr_scale": conv_in_lr_scale,
-                                   "mask_loss_weight": mask_loss_weight})
-
-    def element_weights(self, model_input: torch.Tensor) -> torch.Tensor | None:
-        """mask_loss_weight on the latent cells under the mask (channel 4 of the input), 1 elsewhere:
-        a lesion box covers a few cells of the latent grid, and would otherwise weigh almost nothing."""
-        weight = float(self.hparams.get("mask_loss_weight", 1.0))
-        if weight == 1.0:
-            return None
-        mask = model_input[:, 4:5].detach()
-        return 1.0 + (weight - 1.0) * mask
+        self.save_hyperparameters({"masks": dict(masks or {}), "conv_in_lr_scale": conv_in_lr_scale})
 
     def expected_in_channels(self) -> int:
         return 2 * self.vae.config.latent_channels + 1

@@ -236,20 +236,14 @@ class Text2ImageModule(L.LightningModule):
         hidden = self.encode_prompts(input_ids)
         prediction = self.unet(model_input, timesteps, encoder_hidden_states=hidden).sample
         target = diffusion.diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-        return self.weighted_loss(prediction.float(), target.float(), timesteps, batch.get("is_prior"),
-                                  self.element_weights(model_input))
+        return self.weighted_loss(prediction.float(), target.float(), timesteps, batch.get("is_prior"))
 
-    def element_weights(self, model_input: torch.Tensor) -> torch.Tensor | None:
-        """Per-latent-element loss weights (None: all equal); inpainting can weigh its mask more."""
-        return None
-
-    def weighted_loss(self, prediction, target, timesteps, is_prior=None, element_weights=None) -> torch.Tensor:
+    def weighted_loss(self, prediction, target, timesteps, is_prior=None) -> torch.Tensor:
         """Plain diffusion loss, or instance + prior_loss_weight * prior (DreamBooth preservation)."""
 
         def loss_of(rows):
-            weights = element_weights[rows] if element_weights is not None else None
             return diffusion.diffusion_loss(
-                prediction[rows], target[rows], self.hparams.snr_gamma, self.noise_scheduler, timesteps[rows], weights
+                prediction[rows], target[rows], self.hparams.snr_gamma, self.noise_scheduler, timesteps[rows]
             )
 
         if is_prior is None:
