@@ -115,7 +115,7 @@ def train_config(setup: Setup, variant: Variant):
 
 
 def build_ours(components, setup: Setup, variant: Variant, cache_dir: Path | None):
-    from mame_lightning.data.datamodule import PreparedDataModule
+    from mame_lightning.data.loading.datamodule import PreparedDataModule
     from mame_lightning.models.building import build_module
 
     module = build_module(train_config(setup, variant), components)
@@ -146,7 +146,7 @@ def run_ours(components, setup: Setup, variant: Variant, device: torch.device,
 
 def run_reference(components, setup: Setup, variant: Variant, device: torch.device,
                   cache_dir: Path) -> tuple[StepClock, dict]:
-    from mame_lightning.data.datamodule import PreparedImageDataset
+    from mame_lightning.data.loading.prepared_set import PreparedImageDataset
 
     dataset = PreparedImageDataset(setup.prepared, "text2image", components.tokenizer)
     clock, losses = reference_train(

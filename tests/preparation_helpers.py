@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 import mame_lightning
 
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
-from mame_lightning.data.phantoms import PhantomSpec, render_phantom
+from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
 
 CONF_DIR = Path(mame_lightning.__file__).resolve().parent / "conf"
 HEIGHT, WIDTH, SIZE = 128, 104, 52  # scale 0.5: resized 64x52, crop rows 6..58

@@ -11,7 +11,8 @@ import torch
 from datamodule_helpers import CountingTokenizer, tiny_tokenizer, write_png, write_prepared
 from PIL import Image
 
-from mame_lightning.data.datamodule import PreparedDataModule, PreparedImageDataset, split_ids
+from mame_lightning.data.loading.datamodule import PreparedDataModule, split_ids
+from mame_lightning.data.loading.prepared_set import PreparedImageDataset
 
 SIZE = 32
 
@@ -186,7 +187,7 @@ def test_hydra_partial_prepare_fn(tmp_path, tokenizer):
     from hydra.utils import instantiate
 
     config = {
-        "_target_": "mame_lightning.data.datamodule.PreparedDataModule",
+        "_target_": "mame_lightning.data.loading.datamodule.PreparedDataModule",
         "prepared_dir": str(tmp_path / "synthetic"),
         "batch_size": 2,
         "latent_cache": {"enabled": False, "dir": str(tmp_path / "cache")},

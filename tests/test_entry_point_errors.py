@@ -34,7 +34,7 @@ def test_train_names_a_missing_prepared_dir_without_a_traceback(tmp_path):
 
 
 def test_missing_images_are_found_before_the_model_is_built(tmp_path, monkeypatch):
-    from mame_lightning.data.preparation import prepare_dataset
+    from mame_lightning.data.prepare.preparation import prepare_dataset
     from mame_lightning.runs import training
 
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"

@@ -99,7 +99,7 @@ def test_a_batch_without_mask_is_refused(model_cache):
 def test_latent_cache_training_matches_pixel_training_with_the_datamodule(model_cache, tmp_path):
     from datamodule_helpers import write_prepared
 
-    from mame_lightning.data.datamodule import PreparedDataModule
+    from mame_lightning.data.loading.datamodule import PreparedDataModule
 
     prepared = write_prepared(tmp_path / "prepared", n=8, size=SIZE)
     runs = []

@@ -11,8 +11,9 @@ from datamodule_helpers import tiny_tokenizer, tiny_vae, write_png, write_prepar
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.data import DataLoader
 
-from mame_lightning.data.datamodule import PreparedDataModule, PreparedImageDataset
-from mame_lightning.data.latent_cache import (
+from mame_lightning.data.loading.datamodule import PreparedDataModule
+from mame_lightning.data.loading.prepared_set import PreparedImageDataset
+from mame_lightning.data.loading.latent_cache import (
     LatentCacheDataset,
     build_latent_cache,
     cache_key,

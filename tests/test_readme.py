@@ -55,7 +55,7 @@ def test_the_readme_shows_commands_of_every_entry_point():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, inpaint_dir):
     """Stand-ins for the README's placeholders: raw sets, a trained run, an inpainting export, images."""
-    from mame_lightning.data.preparation import prepare_from_config
+    from mame_lightning.data.prepare.preparation import prepare_from_config
     from mame_lightning.pipelines.generation import GenerationSettings, text2image
     from mame_lightning.pipelines.loading import load_model
     from mame_lightning.pipelines.outputs import save_results

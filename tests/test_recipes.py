@@ -169,7 +169,7 @@ def test_headline_command_without_a_gpu_fails_in_one_line_before_loading_anythin
 @pytest.fixture(scope="module")
 def vindr_prepared(tmp_path_factory):
     """A small VinDr-Mammo release (healthy and lesion images) prepared at 64 px."""
-    from mame_lightning.data.preparation import prepare_dataset
+    from mame_lightning.data.prepare.preparation import prepare_dataset
     from preparation_helpers import compose_prepare, write_vindr
 
     root = tmp_path_factory.mktemp("recipe_vindr")

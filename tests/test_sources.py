@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 
 import mame_lightning
 from mame_lightning.data.records import Box, ImageRecord, Rejection
-from mame_lightning.data.sources import CombinedSource, SourceError, parse_flag
-from mame_lightning.data.sources.folder import FolderSource, has_dicom_marker, path_id
-from mame_lightning.data.sources.omi import NOT_HEALTHY_KIND, OmiSource
-from mame_lightning.data.sources.synthetic import MARKER, SyntheticSource, ensure_raw_set
-from mame_lightning.data.sources.vindr import VinDrSource, parse_categories, parse_density
+from mame_lightning.data.prepare.sources import CombinedSource, SourceError, parse_flag
+from mame_lightning.data.prepare.sources.folder import FolderSource, has_dicom_marker, path_id
+from mame_lightning.data.prepare.sources.omi import NOT_HEALTHY_KIND, OmiSource
+from mame_lightning.data.prepare.sources.synthetic import MARKER, SyntheticSource, ensure_raw_set
+from mame_lightning.data.prepare.sources.vindr import VinDrSource, parse_categories, parse_density
 from omi_layout import mark, omidb_view, write_client, write_header
 
 CONF = Path(mame_lightning.__file__).parent / "conf"

@@ -16,11 +16,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 
 from mame_lightning.data import geometry, tissue
 from mame_lightning.data.dicom import normalise_vendor, read_dicom, tag_metadata, to_float_image, to_uint8
-from mame_lightning.data.filters import special_protocol
-from mame_lightning.data.sources.omi import OmiSource
-from mame_lightning.data.sources.vindr import VinDrSource
-from mame_lightning.data.synthetic_plan import plan_set, spread
-from mame_lightning.data.synthetic_set import write_synthetic_set
+from mame_lightning.data.prepare.filters import special_protocol
+from mame_lightning.data.prepare.sources.omi import OmiSource
+from mame_lightning.data.prepare.sources.vindr import VinDrSource
+from mame_lightning.data.synthetic.plan import plan_set, spread
+from mame_lightning.data.synthetic.phantom_set import write_synthetic_set
 from omi_layout import omidb_view
 
 N, H, W = 24, 128, 104

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
-from mame_lightning.data.datamodule import read_metadata
+from mame_lightning.data.loading.prepared_set import read_metadata
 from mame_lightning.utility.checks import UtilityError
 from mame_lightning.utility.classifier import LesionClassifier, probabilities
 from mame_lightning.utility.fit import fit_classifier

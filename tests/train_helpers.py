@@ -41,7 +41,7 @@ FAST = [
 
 def prepare_small_synthetic(root: Path) -> Path:
     """Generate and prepare the small set once; returns its prepared_dir."""
-    from mame_lightning.data.preparation import prepare_from_config
+    from mame_lightning.data.prepare.preparation import prepare_from_config
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("prepare", overrides=[f"paths.root={root}", *SMALL_SYNTHETIC,

@@ -15,8 +15,8 @@ from mame_lightning import CONF_DIR
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    from mame_lightning.data.preparation import prepare_from_config
-    from mame_lightning.data.sources import SourceError
+    from mame_lightning.data.prepare.preparation import prepare_from_config
+    from mame_lightning.data.prepare.sources import SourceError
     from mame_lightning.runs.command_line import one_line_errors
 
     # Hydra's logging already shows the summary on the console and keeps it in the run's log.

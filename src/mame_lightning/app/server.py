@@ -65,7 +65,7 @@ def make_example(folder: Path, size: int, seed: int = 0) -> Path:
     """A phantom mammogram (as acquired: taller than wide, left breast) for the Inpaint tab."""
     import numpy as np
 
-    from mame_lightning.data.phantoms import PhantomSpec, render_phantom
+    from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
     from mame_lightning.pipelines.marking import save_png
 
     spec = PhantomSpec(height=max(16, round(size * 1.25)), width=max(16, size), view="MLO", density="B", area="medium")

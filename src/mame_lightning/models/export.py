@@ -154,7 +154,7 @@ def _prepared_attributes(cfg: DictConfig) -> tuple[dict, dict]:
     set the run trained on, for the task's own part of it."""
     from collections import Counter
 
-    from mame_lightning.data.datamodule import ATTRIBUTE_COLUMNS
+    from mame_lightning.data.loading.prepared_set import ATTRIBUTE_COLUMNS
 
     root = Path(cfg.dataset.prepared_dir)
     data_task = cfg.task.get("data_task") or cfg.task.name

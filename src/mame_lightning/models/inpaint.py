@@ -3,7 +3,7 @@
 The UNet input is (noisy latents, mask at latent size, masked-image latents) concatenated in the
 order `StableDiffusionInpaintPipeline` feeds at inference, so trained weights work there unchanged.
 Masks are the lesion boxes of the prepared set, optionally mixed with random boxes and strokes
-(`masks`, see `data/masks.py`); a random mask is drawn from the step's generator and its masked
+(`masks`, see `data/loading/masks.py`); a random mask is drawn from the step's generator and its masked
 image is encoded by the VAE on the fly, exactly as the pipeline encodes it at inference.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mame_lightning.data.masks import MaskMix, mix_masks
+from mame_lightning.data.loading.masks import MaskMix, mix_masks
 from mame_lightning.models import diffusion
 from mame_lightning.models.text2image import Text2ImageModule
 

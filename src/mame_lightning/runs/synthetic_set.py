@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from mame_lightning.data.synthetic_set import write_synthetic_set
+from mame_lightning.data.synthetic.phantom_set import write_synthetic_set
 
 
 def image_size(cfg: DictConfig) -> tuple[int, int]:

@@ -124,7 +124,7 @@ def first_use_preparation(cfg: DictConfig):
     """For datasets that can make themselves (synthetic): prepare on first use, else None."""
     if not cfg.dataset.get("prepare_on_first_use"):
         return None
-    from mame_lightning.data.preparation import prepare_from_config
+    from mame_lightning.data.prepare.preparation import prepare_from_config
 
     prepare_cfg = OmegaConf.create({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
     return functools.partial(prepare_from_config, prepare_cfg)
@@ -132,7 +132,7 @@ def first_use_preparation(cfg: DictConfig):
 
 def check_data(cfg: DictConfig) -> None:
     """The prepared set and its listed files, before any model is built (a self-preparing set may be absent)."""
-    from mame_lightning.data.datamodule import check_prepared_files
+    from mame_lightning.data.loading.prepared_set import check_prepared_files
 
     if cfg.get("datamodule") and cfg.datamodule.get("prepared_dir"):
         check_prepared_files(cfg.datamodule.prepared_dir, cfg.datamodule.get("task") or cfg.task.data_task,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mame_lightning.data.dicom import normalise_vendor
-from mame_lightning.data.phantoms import AREA_CLASSES, DENSITIES
+from mame_lightning.data.synthetic.phantoms import AREA_CLASSES, DENSITIES
 
 FORMAT_VERSION = 2  # bump when the drawing or the file layout changes, so old files are redrawn
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mame_lightning.data.records import Box, ImageRecord, Rejection
-from mame_lightning.data.sources import SourceError, require_file
+from mame_lightning.data.prepare.sources import SourceError, require_file
 
 BREAST_LEVEL_CSV = "breast-level_annotations.csv"
 FINDING_CSV = "finding_annotations.csv"

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from mame_lightning.data.dicom import PHI_KEYWORDS, normalise_vendor
 from mame_lightning.data.dicom_writer import TRANSFER_SYNTAXES, make_mammogram_dataset, save_dataset
-from mame_lightning.data.phantoms import PhantomSpec, render_phantom
-from mame_lightning.data.synthetic_plan import (FORMAT_VERSION, ImagePlan, fingerprint, phi_of,
+from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
+from mame_lightning.data.synthetic.plan import (FORMAT_VERSION, ImagePlan, fingerprint, phi_of,
                                                 plan_counts, plan_set)
 from mame_lightning.io import write_bytes
 

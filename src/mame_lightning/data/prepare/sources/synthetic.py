@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mame_lightning.data.records import ImageRecord, Rejection
-from mame_lightning.data.sources import CombinedSource, SourceError
-from mame_lightning.data.sources.omi import OmiSource
-from mame_lightning.data.sources.vindr import VinDrSource
+from mame_lightning.data.prepare.sources import CombinedSource, SourceError
+from mame_lightning.data.prepare.sources.omi import OmiSource
+from mame_lightning.data.prepare.sources.vindr import VinDrSource
 from mame_lightning.io import atomic_folder, write_json
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def ensure_raw_set(raw_dir: Path, settings: dict, progress: bool = True) -> bool
     if raw_dir.exists() and any(raw_dir.iterdir()) and _marker_settings(raw_dir) is None:
         raise SourceError(raw_dir, f"not empty and has no {MARKER}; refusing to overwrite it "
                                    "with a synthetic set (choose another dataset.raw_dir)")
-    from mame_lightning.data.synthetic_set import write_synthetic_set
+    from mame_lightning.data.synthetic.phantom_set import write_synthetic_set
 
     log.info("writing synthetic raw set (%d images) to %s", settings["n"], raw_dir)
     # an old synthetic set there is removed once the new one is in place

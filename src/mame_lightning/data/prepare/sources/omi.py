@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from mame_lightning.data.records import Box, ImageRecord, Rejection
-from mame_lightning.data.sources import MALFORMED, SourceError, read_json, relative_to
+from mame_lightning.data.prepare.sources import MALFORMED, SourceError, read_json, relative_to
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def header_attributes(header, path: Path) -> dict:
     """The filter attributes of a DICOM header in the DICOM JSON model (as preparation reads a .dcm)."""
     import pydicom
 
-    from mame_lightning.data.filters import image_tags
+    from mame_lightning.data.prepare.filters import image_tags
 
     if not isinstance(header, Mapping):
         raise SourceError(path, "image header is not a DICOM JSON object", MALFORMED)

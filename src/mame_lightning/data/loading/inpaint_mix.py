@@ -4,7 +4,7 @@ healthy images joining them under their own caption, with no lesion.
 With only lesion images, the conditional and the unconditional (dropped-prompt) branches learn the
 same thing and classifier-free guidance has nothing to amplify. Healthy images captioned with a
 different prompt (by default the empty one) make "with a lesion" mean something: the random masks
-put on them (see `data/masks.py`) must be filled with plain tissue, the lesion images' masks with a
+put on them (see `data/loading/masks.py`) must be filled with plain tissue, the lesion images' masks with a
 lesion, and guidance pushes a painted region toward the lesion side.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mame_lightning.data.datamodule import PreparedImageDataset, tokenize_prompts
+from mame_lightning.data.loading.prepared_set import PreparedImageDataset, tokenize_prompts
 
 # Batch keys that only lesion items could carry (their masks are the lesion boxes); a mixed batch
 # drops them, so the module encodes every masked image from its pixels and the mask it draws.

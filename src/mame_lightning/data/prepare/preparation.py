@@ -28,9 +28,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from mame_lightning.data.prepare_item import prepare_item, shown_path
+from mame_lightning.data.prepare.item import prepare_item, shown_path
 from mame_lightning.data.records import ImageRecord, Rejection
-from mame_lightning.data.report import TASKS, write_json, write_prepared_set
+from mame_lightning.data.prepare.report import TASKS, write_json, write_prepared_set
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mame_lightning.data.records import ImageRecord
-from mame_lightning.data.sources import SourceError
+from mame_lightning.data.prepare.sources import SourceError
 
 log = logging.getLogger(__name__)
 

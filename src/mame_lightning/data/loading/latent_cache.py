@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mame_lightning.data.datamodule import PreparedImageDataset, read_metadata, task_folder
+from mame_lightning.data.loading.prepared_set import PreparedImageDataset, read_metadata, task_folder
 from mame_lightning.io import atomic_path, write_json
 
 CACHE_FORMAT = "1"

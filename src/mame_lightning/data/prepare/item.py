@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, to_float_image, to_uint8
-from mame_lightning.data.filters import filter_reason, image_tags, merge_attributes, unlocalised_reason
+from mame_lightning.data.prepare.filters import filter_reason, image_tags, merge_attributes, unlocalised_reason
 from mame_lightning.data.geometry import Geometry, apply_image, box_mask, map_box, plan
-from mame_lightning.data.identity import hidden_path, read_identity, redact, replace_strings, reveals_identity
+from mame_lightning.data.prepare.identity import hidden_path, read_identity, redact, replace_strings, reveals_identity
 from mame_lightning.data.prompts import density_word, render_prompt
 from mame_lightning.data.records import Box, ImageRecord
-from mame_lightning.data.report import TASKS, write_png
+from mame_lightning.data.prepare.report import TASKS, write_png
 from mame_lightning.data.tissue import area_class, area_ratio, chest_wall_side, tissue_mask
 
 # DicomError reasons -> the short kind counted in the report.
@@ -205,7 +205,7 @@ def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mappin
 
 def shown_path(record: ImageRecord, raw_dir: Path, settings: Mapping) -> tuple[str, tuple]:
     """The path the outputs show for this record (a salted hash when it holds the file's own
-    patient identity, see data/identity.py) and that identity."""
+    patient identity, see data/prepare/identity.py) and that identity."""
     identity = read_identity(raw_dir / record.source) if (raw_dir / record.source).is_file() else (set(), set())
     if reveals_identity(record.source, identity):
         return hidden_path(record.source, settings.get("path_salt", "")), identity
