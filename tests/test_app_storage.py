@@ -14,12 +14,11 @@ import pytest
 pytest.importorskip("gradio")
 httpx = pytest.importorskip("httpx")
 
-from app_helpers import free_port, start_app  # noqa: E402
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: E402,F401 - fixtures
+from helpers.app import free_port, start_app
 
 from mame_lightning.app import handlers as h  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 ATTRS = ("attributes", "siemens", "MLO", "high", "small", "")
 SAMPLING = ("", 4.0, 2, 0, False, 1, "dpmsolver++", False)  # negative, guidance, steps, seed, random, n, ...
 DAY = 86400

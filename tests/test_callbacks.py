@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    PROMPTS, SIZE, adamw, loader, model_cache, one_thread, tiny, toy_items, trainer,
-)
+from helpers.modules import PROMPTS, SIZE, adamw, loader, tiny, toy_items, trainer
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

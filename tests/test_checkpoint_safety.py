@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mame_lightning
-from module_helpers import adamw, loader, model_cache, one_thread, tiny, toy_items, trainer  # noqa: F401
+from helpers.modules import adamw, loader, tiny, toy_items, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from preparation_helpers import CONF_DIR, compose_prepare, write_dicom
+from helpers.preparation import CONF_DIR, compose_prepare, write_dicom
 
 
 def cli(tmp_path, module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -15,13 +15,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from generation_helpers import breast_image, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
+from helpers.generation import breast_image
 from mame_lightning import evaluate
 from mame_lightning.eval.msssim import pairwise_ms_ssim, read_guidance_sweep_csv
 from mame_lightning.evaluation_inputs import (attribute_combinations, model_labels, sample_grid, spread,
                                               sweep_prompts, sweep_scales)
 from mame_lightning.pipelines.generation import GenerationSettings, text2image
 from mame_lightning.pipelines.marking import is_marked_synthetic, save_png
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["guidance.steps=2", "guidance.images_per_prompt=3", "device=cpu", "progress=false"]
 SIDECAR = {"task": "text2image", "templates": {"text2image": "a mammogram in {view} view with {area} area"},

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    PROMPTS, SIZE, adamw, loader, model_cache, one_thread, tiny, toy_items, trainer,
-)
+from helpers.modules import PROMPTS, SIZE, adamw, loader, tiny, toy_items, trainer
 from PIL import Image
 
 from mame_lightning.models.export import METADATA_FILE, export_pipeline, read_export_metadata

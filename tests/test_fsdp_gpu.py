@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from train_helpers import prepare_small_synthetic, run_train
+from helpers.training import prepare_small_synthetic, run_train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),

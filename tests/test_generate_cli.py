@@ -13,13 +13,14 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_validator import DCIODVFY, validate
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
+from helpers.dicom_validator import DCIODVFY, validate
 from mame_lightning import generate
 from mame_lightning.data.dicom import tag_metadata
 from mame_lightning.pipelines.inputs import input_label
 from mame_lightning.pipelines.marking import read_png_text
 from mame_lightning.runs import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["steps=2", "device=cpu", "progress=false"]

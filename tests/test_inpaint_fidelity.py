@@ -14,13 +14,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import ndimage
 
-from generation_helpers import inpaint_dir, models_root, one_thread  # noqa: F401 - fixtures
 from mame_lightning import evaluate
 from mame_lightning.data.records import Box
 from mame_lightning.eval.inpaint_fidelity import (CONTRAST_TARGET, OUTSIDE_TARGET, Lesion, category_key, contrast,
                                                   evaluate_painter, lesion_mask, outside_region, pick_cases, ring)
 from mame_lightning.evaluation_inpaint import cases_for, summary_lines
-from train_helpers import prepare_small_synthetic
+from helpers.training import prepare_small_synthetic
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RING, GROW = 4, 4
 

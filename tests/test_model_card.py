@@ -16,7 +16,7 @@ from mame_lightning.models.model_card import (
     model_card_text,
 )
 from mame_lightning.runs.training import train
-from train_helpers import compose_train, small_prepared  # noqa: F401 - fixture
+from helpers.training import compose_train
 
 SD15 = {"_target_": "mame_lightning.models.components.load_components", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 TINY = {"_target_": "mame_lightning.models.components.tiny_components"}

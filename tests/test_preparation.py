@@ -19,10 +19,7 @@ from mame_lightning.data.geometry import apply_image, box_mask, plan
 from mame_lightning.data.prepare.preparation import prepare_dataset
 from mame_lightning.data.records import Box
 from mame_lightning.data.synthetic.plan import phi_of, plan_set
-from preparation_helpers import (
-    HEIGHT, PHI, SIZE, WIDTH, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs,
-    phantom_dataset, write_dicom, write_omi, write_vindr,
-)
+from helpers.preparation import HEIGHT, PHI, SIZE, WIDTH, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs, phantom_dataset, write_dicom, write_omi, write_vindr
 
 GOOD = {"good/cc_left.dcm": dict(view="CC", laterality="L", vendor="siemens", seed=1),
         "good/mlo_right.dcm": dict(view="MLO", laterality="R", vendor="hologic", seed=2),
@@ -358,7 +355,7 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import mame_lightning.data.prepare.item as item
 from mame_lightning.data.prepare.preparation import prepare_dataset
-from preparation_helpers import compose_prepare
+from helpers.preparation import compose_prepare
 write_png, written = item.write_png, []
 def write_then_die(path, image):
     write_png(path, image)

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mame_lightning.data.prepare.preparation import prepare_from_config
-from preparation_helpers import CONF_DIR, PHI, SIZE, compose_prepare, read_lines, write_bad_inputs, write_dicom
+from helpers.preparation import CONF_DIR, PHI, SIZE, compose_prepare, read_lines, write_bad_inputs, write_dicom
 
 DATASETS = ("vindr", "omi_h", "fusion", "folder", "synthetic")
 

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mame_lightning.runs.training import CPU_OVERRIDE, HardwareError, check_hardware
-from train_helpers import CONF_DIR
+from helpers.training import CONF_DIR
 
 REAL_DATASETS = ("vindr", "omi_h", "fusion", "folder")
 TASKS = ("text2image", "inpaint")
@@ -170,7 +170,7 @@ def test_headline_command_without_a_gpu_fails_in_one_line_before_loading_anythin
 def vindr_prepared(tmp_path_factory):
     """A small VinDr-Mammo release (healthy and lesion images) prepared at 64 px."""
     from mame_lightning.data.prepare.preparation import prepare_dataset
-    from preparation_helpers import compose_prepare, write_vindr
+    from helpers.preparation import compose_prepare, write_vindr
 
     root = tmp_path_factory.mktemp("recipe_vindr")
     write_vindr(root / "raw", [dict(image_id=f"h{i}", seed=i, view=("CC", "MLO")[i % 2]) for i in range(4)]

@@ -21,7 +21,7 @@ from mame_lightning.data.prepare.sources.omi import OmiSource
 from mame_lightning.data.prepare.sources.vindr import VinDrSource
 from mame_lightning.data.synthetic.plan import plan_set, spread
 from mame_lightning.data.synthetic.phantom_set import write_synthetic_set
-from omi_layout import omidb_view
+from helpers.omi_layout import omidb_view
 
 N, H, W = 24, 128, 104
 HEX32 = re.compile(r"^[0-9a-f]{32}$")

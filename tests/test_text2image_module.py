@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.training_utils import compute_snr
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    adamw, collate, loader, model_cache, one_thread, same_weights, tiny, toy_items, trainer, weights,
-)
+from helpers.modules import adamw, collate, loader, same_weights, tiny, toy_items, trainer, weights
 
 import mame_lightning
 from mame_lightning.models import diffusion

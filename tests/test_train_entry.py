@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mame_lightning.runs.training import train
-from train_helpers import compose_train, prepare_small_synthetic, run_train, train_command
+from helpers.training import compose_train, prepare_small_synthetic, run_train, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "src" / "mame_lightning" / "conf" / "model" / "tiny.yaml"
+from helpers.modules import TINY_CONFIG
 SIZE = 64
 TEMPLATES = {
     "text2image": "a {vendor} mammogram in {view} view with {density} density and {area} area",
@@ -62,41 +62,3 @@ def breast_image(size: int = SIZE, seed: int = 0) -> np.ndarray:
 # Fixtures shared by the generation test files (import them by name into a test module).
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy shared CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def models_root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "generation_models"
-
-
-@pytest.fixture(scope="session")
-def t2i_dir(models_root):
-    return tiny_export(models_root, "text2image")
-
-
-@pytest.fixture(scope="session")
-def inpaint_dir(models_root):
-    return tiny_export(models_root, "inpaint")
-
-
-@pytest.fixture(scope="session")
-def t2i_model(t2i_dir):
-    from mame_lightning.pipelines.loading import load_model
-
-    return load_model(t2i_dir, device="cpu")
-
-
-@pytest.fixture(scope="session")
-def inpaint_model(inpaint_dir):
-    from mame_lightning.pipelines.loading import load_model
-
-    return load_model(inpaint_dir, device="cpu")

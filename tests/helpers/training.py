@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import mame_lightning
 
-CONF_DIR = Path(mame_lightning.__file__).parent / "conf"
+CONF_DIR = Path(mame_lightning.CONF_DIR)
 
 # Small phantoms (128x104 raw, 64 px prepared): about 30 healthy and 10 lesion images.
 SMALL_SYNTHETIC = [
@@ -48,13 +48,6 @@ def prepare_small_synthetic(root: Path) -> Path:
                                             "preparation.num_workers=0", "preparation.progress=false"])
     prepare_from_config(cfg, echo=False)
     return Path(cfg.dataset.prepared_dir)
-
-
-@pytest.fixture(scope="module")
-def small_prepared(tmp_path_factory) -> tuple[Path, Path]:
-    """(paths.root, prepared_dir) of the small set, made once per test module."""
-    root = tmp_path_factory.mktemp("train_root")
-    return root, prepare_small_synthetic(root)
 
 
 def compose_train(run_dir: Path, root: Path, prepared: Path, overrides: list[str] = (),

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "src" / "mame_lightning" / "conf" / "model" / "tiny.yaml"
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "src" / "mame_lightning" / "conf" / "model" / "tiny.yaml"
 SIZE = 32
 PROMPTS = [
     "a mammogram in cc view with small area",
@@ -24,20 +24,6 @@ PROMPTS = [
     "a mammogram in cc view with big area",
     "a mammogram in mlo view with small area",
 ]
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny_models")
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(cache: Path, *, inpaint: bool = False, frozen_dtype: str | None = None, train_text_encoder: bool = True):

@@ -15,7 +15,7 @@ import mame_lightning
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
 from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
 
-CONF_DIR = Path(mame_lightning.__file__).resolve().parent / "conf"
+CONF_DIR = Path(mame_lightning.CONF_DIR)
 HEIGHT, WIDTH, SIZE = 128, 104, 52  # scale 0.5: resized 64x52, crop rows 6..58
 PHI = {"patient_name": "Phiname^Secretia", "patient_id": "PHIID734501",
        "birth_date": "19471231", "accession": "PHIACC99817"}
@@ -115,11 +115,11 @@ def write_vindr(root: Path, images: list[dict]) -> None:
 
 
 def write_omi(root: Path, images: list[dict], client="demd100", lesion_sides=None, study="1.9") -> dict:
-    """One OMI-DB client in the release layout (tests/omi_layout.py): images are dicts with sop,
+    """One OMI-DB client in the release layout (tests/helpers/omi_layout.py): images are dicts with sop,
     marks [(x1, y1, x2, y2, flag)] or ``"drawn"`` (a Mass mark around each drawn lesion),
     ``missing=True`` (JSON header only, no .dcm) and dicom kwargs (vendor, view, laterality,
     lesions, implant, extra={"SeriesDescription": ...}, ...). Returns the phantoms by sop."""
-    from omi_layout import mark, write_client, write_header
+    from helpers.omi_layout import mark, write_client, write_header
 
     marks, phantoms = {}, {}
     for image in images:

@@ -12,7 +12,7 @@ import mame_lightning
 from mame_lightning.utility.images import ImageSet
 from mame_lightning.utility.split import Sample
 
-CONF_DIR = str(Path(mame_lightning.__file__).parent / "conf")
+CONF_DIR = mame_lightning.CONF_DIR
 # Few steps, no progress bars, a lesion box every tiny (untrained) model can paint into.
 FAST = ["classifier.steps=3", "classifier.batch_size=8", "classifier.val_every=2", "synthesis.steps=2",
         "synthesis.box=[24,24,32,32]", "synthesis.device=cpu", "trainer.enable_progress_bar=false",
@@ -41,9 +41,3 @@ def crafted_set(n: int, size: int = 32, seed: int = 0, side: int = 8) -> ImageSe
     return ImageSet(images, labels, samples, boxes)
 
 
-@pytest.fixture(scope="session")
-def utility_prepared(tmp_path_factory):
-    """The small phantom set through the real preparation (VinDr and OMI-DB folder layouts), once."""
-    from train_helpers import prepare_small_synthetic
-
-    return prepare_small_synthetic(tmp_path_factory.mktemp("utility_data"))

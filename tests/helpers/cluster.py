@@ -11,9 +11,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train_helpers import FAST, SMALL_SYNTHETIC, train_command
+from helpers.training import FAST, SMALL_SYNTHETIC, train_command
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SBATCH_TEMPLATE = REPO / "scripts" / "slurm" / "train_multinode.sbatch"
 
 # a SLURM job of the tiny model: one CPU, 1 GB, ten minutes at most

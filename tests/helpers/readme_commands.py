@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 PREFIX = "python -m mame_lightning."
 _CODE = re.compile(r"^```[^\n]*\n(?P<block>.*?)^```|`(?P<inline>[^`\n]+)`", re.MULTILINE | re.DOTALL)
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]+$")
