@@ -40,6 +40,13 @@ def load_noise_schedule(name: str = "sd_v1") -> dict:
     return dict(OmegaConf.to_container(OmegaConf.load(NOISE_SCHEDULES / f"{name}.yaml")))
 
 
+def resolve_noise_schedule(noise_schedule) -> dict:
+    """A schedule given as a name of conf/model/noise_schedule/ (None: sd_v1) or as DDPMScheduler arguments."""
+    if noise_schedule is None or isinstance(noise_schedule, str):
+        return load_noise_schedule(noise_schedule or "sd_v1")
+    return dict(_plain(noise_schedule))
+
+
 def load_architecture(name: str = "sd15_arch") -> dict:
     """The unet / vae / text_encoder / sample_size of a model YAML (e.g. SD v1.5's published sizes)."""
     from omegaconf import OmegaConf
@@ -250,10 +257,10 @@ def _seeded(seed: int):
 
 
 def build_models(*, words, unet: dict, vae: dict, text_encoder: dict, sample_size: int = 64, in_channels: int = 4,
-                 seed: int = 0, noise_schedule: dict | None = None) -> SDComponents:
+                 seed: int = 0, noise_schedule: str | dict | None = None) -> SDComponents:
     """Randomly initialised models in memory from config dicts (the tokenizer sets the vocabulary);
-    `noise_schedule` (DDPMScheduler arguments) defaults to conf/model/noise_schedule/sd_v1.yaml."""
-    schedule = dict(_plain(noise_schedule)) if noise_schedule else load_noise_schedule()
+    `noise_schedule` is a name of conf/model/noise_schedule/ (default sd_v1) or DDPMScheduler arguments."""
+    schedule = resolve_noise_schedule(noise_schedule)
     unet, vae, text_encoder = dict(_plain(unet)), dict(_plain(vae)), dict(_plain(text_encoder))
     tokenizer = build_tokenizer(list(_plain(words)), pad_to=text_encoder.pop("vocab_size", None))
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
@@ -325,7 +332,7 @@ def tiny_components(cache_dir, *, words, unet: dict, vae: dict, text_encoder: di
     """A small random Stable Diffusion, built once per config under cache_dir, loaded like SD v1.5."""
     build = {"words": words, "unet": unet, "vae": vae, "text_encoder": text_encoder, "sample_size": sample_size,
              "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant,
-             "noise_schedule": _plain(noise_schedule) if noise_schedule else load_noise_schedule()}
+             "noise_schedule": resolve_noise_schedule(noise_schedule)}
     return _cached_components(cache_dir, "tiny", build, frozen_dtype, train_text_encoder, vae_path)
 
 
@@ -356,5 +363,5 @@ def sd15_arch_components(cache_dir, inpaint: bool = False, *, words, unet: dict 
              "text_encoder": _plain(text_encoder) if text_encoder else published["text_encoder"],
              "sample_size": int(sample_size or published["sample_size"]), "in_channels": 9 if inpaint else 4,
              "seed": seed, "variant": variant,
-             "noise_schedule": _plain(noise_schedule) if noise_schedule else load_noise_schedule()}
+             "noise_schedule": resolve_noise_schedule(noise_schedule)}
     return _cached_components(cache_dir, "sd15-arch", build, frozen_dtype, train_text_encoder)
