@@ -39,7 +39,7 @@ class Profile:
     steps: int
 
 
-FULL = Profile(train_overrides=(), fidelity_images=16, inpaint_cases=48, sweep_scales="[1,4,7]", sweep_images=6,
+FULL = Profile(train_overrides=(), fidelity_images=16, inpaint_cases=96, sweep_scales="[1,4,7]", sweep_images=6,
                steps=24)
 QUICK = Profile(train_overrides=("trainer.max_steps=4", "dataset.batch_size=4", "trainer.val_check_interval=2",
                                  "callbacks.checkpoint.every_n_train_steps=2"),
