@@ -1,49 +1,68 @@
-"""`make demo`: the whole MAM-E flow on the built-in synthetic phantoms, on a CPU, in minutes.
+"""The `make demo` flow: its stages, their schedule and timing, and the summary it writes.
 
 Each stage is one of the project's own commands, printed before it runs so it can be copied:
 prepare the synthetic set, fine-tune the tiny autoencoder, train tiny text-to-image on its cached
 latents, train inpainting from it, then evaluation through the plain diffusers pipelines (prompt
 fidelity, inpainting fidelity without paste-back, a small guidance sweep) and the full lesion flow.
-The training recipes are conf/experiment/demo_{autoencoder,text2image,inpaint}.yaml.
-`python -m mame_lightning.demo --quick` runs the same flow with a handful of steps (a smoke test,
-not a model that learns).
+The training recipes are conf/experiment/demo_{autoencoder,text2image,inpaint}.yaml; the sizes of
+the evaluations (and, for the quick profile, the training overrides) are conf/demo/{full,quick}.yaml.
+`python -m mame_lightning.demo` is the command-line front end.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mame_lightning import CONF_DIR
+from mame_lightning.io import write_text
 
+PROFILE_DIR = Path(CONF_DIR) / "demo"
 # What the summary holds the demo to (the figures a `make demo` run should reach on 2 cores).
 TARGETS = {"minutes": 15.0, "area_agreement": 0.9, "area_class": 0.8}
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Evaluation sizes of one demo flavour, and overrides for every training stage (QUICK only)."""
+class DemoError(ValueError):
+    """A demo profile that cannot be used; the message names the file and the key."""
 
-    train_overrides: tuple[str, ...]
+
+@dataclass
+class Profile:
+    """Evaluation sizes of one demo flavour, and overrides for every training stage (conf/demo/NAME.yaml)."""
+
     fidelity_images: int
     inpaint_cases: int
-    sweep_scales: str
+    sweep_scales: List[float]
     sweep_images: int
     steps: int
+    train_overrides: List[str] = field(default_factory=list)
 
 
-FULL = Profile(train_overrides=(), fidelity_images=16, inpaint_cases=48, sweep_scales="[1,4,7]", sweep_images=6,
-               steps=24)
-QUICK = Profile(train_overrides=("trainer.max_steps=4", "dataset.batch_size=4", "trainer.val_check_interval=2",
-                                 "callbacks.checkpoint.every_n_train_steps=2"),
-                fidelity_images=1, inpaint_cases=2, sweep_scales="[4]", sweep_images=2, steps=2)
+def load_profile(name: str, folder: Path = PROFILE_DIR) -> Profile:
+    """conf/demo/<name>.yaml checked against `Profile`: a missing, unknown or mistyped key names itself."""
+    path = Path(folder) / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in Path(folder).glob("*.yaml")))
+        raise DemoError(f"no demo profile {name!r} ({path} not found; profiles: {choices})")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Profile), OmegaConf.load(path)))
+    except OmegaConfBaseException as error:
+        raise DemoError(f"{path}: {str(error).splitlines()[0]}") from None
+
+
+def scales_override(scales: List[float]) -> str:
+    """[1, 4, 7] -> "[1,4,7]": a list value as one Hydra override token (whole numbers without .0)."""
+    return "[" + ",".join(f"{s:g}" for s in scales) + "]"
 
 
 def prepared_dir(prepare_overrides: list[str] = ()) -> Path:
@@ -86,7 +105,7 @@ def stages(root: Path, p: Profile, prepare_overrides: list[str] = (), prepared: 
             f"guidance.steps={p.steps}", "batch_size=8", "progress=false"]),
         Stage("sweep", "Guidance sweep: MS-SSIM diversity per scale (paper Table 3)", [
             "mame_lightning.evaluate", "mode=sweep", f"model_path={t2i}", f"out={root / 'sweep'}",
-            f"guidance.scales={p.sweep_scales}", f"guidance.images_per_prompt={p.sweep_images}",
+            f"guidance.scales={scales_override(p.sweep_scales)}", f"guidance.images_per_prompt={p.sweep_images}",
             f"guidance.steps={p.steps}", "max_prompts=2", f"batch_size={p.sweep_images}", "progress=false"]),
         Stage("inpaint_fidelity", "Inpainting fidelity through stock StableDiffusionInpaintPipeline (no paste-back)", [
             "mame_lightning.evaluate", "mode=inpaint_fidelity", f"model_path={inpaint}", f"prepared_dir={prepared}",
@@ -201,7 +220,7 @@ def fidelity_lines(root: Path) -> list[str]:
 
 
 def inpaint_lines(root: Path) -> list[str]:
-    from mame_lightning.evaluation_inpaint import JSON_FILE, summary_lines
+    from mame_lightning.runs.evaluation.inpaint_fidelity import JSON_FILE, summary_lines
 
     path = root / "inpaint_fidelity" / JSON_FILE
     if not path.is_file():
@@ -236,23 +255,16 @@ def summarise(root: Path, timings: dict[str, Timing], total_seconds: float, titl
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    from mame_lightning.io import write_text
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="outputs/demo", help="where the demo's runs go (default outputs/demo)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the flow, learns nothing")
-    parser.add_argument("--prepare-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra override for the synthetic set, e.g. dataset.source.n=64 (repeatable)")
-    args = parser.parse_args(argv)
-    root = Path(args.root).resolve()
-    profile = QUICK if args.quick else FULL
-    all_stages = stages(root, profile, args.prepare_override)
+def run(root: Path, profile: Profile, prepare_overrides: list[str] = ()) -> str:
+    """Every stage into `root` (logs in root/logs); writes and prints root/summary.md, returns its text."""
+    root = Path(root).resolve()
+    all_stages = stages(root, profile, list(prepare_overrides))
     timings, total = run_schedule(all_stages, root / "logs")
     summary = summarise(root, timings, total, {stage.key: stage.title for stage in all_stages})
     write_text(root / "summary.md", summary)
     print("\n" + summary)
+    return summary
 
 
-if __name__ == "__main__":
-    main()
+__all__ = ["DemoError", "Profile", "Stage", "Timing", "TARGETS", "SCHEDULE", "load_profile", "stages", "run_stage",
+           "run_schedule", "summarise", "run"]
