@@ -57,7 +57,9 @@ def load_profile(name: str, folder: Path = PROFILE_DIR) -> Profile:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Profile), OmegaConf.load(path)))
     except OmegaConfBaseException as error:
-        raise DemoError(f"{path}: {str(error).splitlines()[0]}") from None
+        what = str(getattr(error, "msg", None) or error).splitlines()[0]
+        key = getattr(error, "full_key", None)
+        raise DemoError(f"{path}: {key}: {what}" if key else f"{path}: {what}") from None
 
 
 def scales_override(scales: List[float]) -> str:
