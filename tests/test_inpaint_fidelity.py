@@ -18,7 +18,7 @@ from mame_lightning import evaluate
 from mame_lightning.data.records import Box
 from mame_lightning.eval.inpaint_fidelity import (CONTRAST_TARGET, OUTSIDE_TARGET, Lesion, category_key, contrast,
                                                   evaluate_painter, lesion_mask, outside_region, pick_cases, ring)
-from mame_lightning.evaluation_inpaint import cases_for, summary_lines
+from mame_lightning.runs.evaluation.inpaint_fidelity import cases_for, summary_lines
 from helpers.training import prepare_small_synthetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -47,7 +47,7 @@ class SynthesisSettings:
 def prompt_plan(metadata: dict, n: int) -> list[tuple[str, int]]:
     """(prompt, number of pairs) per attribute combination of the model, n spread evenly over them
     (fewer pairs than combinations: combinations evenly spaced over the list)."""
-    from mame_lightning.evaluation_inputs import attribute_combinations
+    from mame_lightning.runs.evaluation.inputs import attribute_combinations
 
     prompts = [build_prompt(metadata, attributes=combo) for combo in attribute_combinations(metadata, limit=n)]
     prompts = list(dict.fromkeys(prompts)) or [build_prompt(metadata)]

@@ -1,4 +1,4 @@
-"""The inpainting-fidelity run (`python -m mame_lightning.evaluate mode=inpaint_fidelity`).
+"""`mode=inpaint_fidelity`: healthy images painted through real lesion masks, scored outside and inside.
 
 Healthy images of a prepared set are painted through real lesion masks by the exported model,
 loaded as any diffusers user loads it (`StableDiffusionInpaintPipeline.from_pretrained`) and called
@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from mame_lightning.eval.inpaint_fidelity import (GRID_COLUMNS, Case, Lesion, Painter, evaluate_painter, grid_rows,
                                                   pick_cases, real_contrasts)
 from mame_lightning.eval.report import write_csv
-from mame_lightning.evaluation_inputs import EvaluationError, load_images, sample_grid
 from mame_lightning.io import write_json, write_png
 from mame_lightning.pipelines.generation import generators, to_gray_uint8
 from mame_lightning.pipelines.loading import LoadedModel
+from mame_lightning.runs.evaluation.grids import sample_grid
+from mame_lightning.runs.evaluation.inputs import EvaluationError, check_model_paths, load_images, model_paths
+from mame_lightning.runs.evaluation.loading import load_for
 
 JSON_FILE, CASES_FILE, GRID_FILE = "inpaint_fidelity.json", "inpaint_fidelity_cases.csv", "inpaint_fidelity_grid.png"
 
@@ -128,8 +130,14 @@ def cases_for(cfg: DictConfig) -> tuple[list[Case], dict[str, list[float]], int]
     return cases, real_contrasts(lesions, ring_px), ring_px
 
 
-def run_inpaint_fidelity(cfg: DictConfig, out: Path, model: LoadedModel | None = None, painter: Painter | None = None,
-                         roundtrip=None) -> dict:
+def run_inpaint_fidelity(cfg: DictConfig, out: str | Path) -> dict:
+    """Paint healthy images through real lesion masks with the plain pipeline (stock unless told)."""
+    path = check_model_paths(model_paths(cfg))[0]
+    return score_inpainting(cfg, Path(out), model=load_for(cfg, path, "stock"))
+
+
+def score_inpainting(cfg: DictConfig, out: Path, model: LoadedModel | None = None, painter: Painter | None = None,
+                     roundtrip=None) -> dict:
     """Score `painter` (default: the model's plain pipeline) on the prepared set's cases; write the outputs."""
     icfg = cfg.inpaint_fidelity
     cases, real, ring_px = cases_for(cfg)
@@ -175,11 +183,13 @@ def summary_lines(report: dict) -> list[str]:
         f"{outside['target']}×: {verdict[outside['pass']]}",
         f"inpainting fidelity — lesion contrast: {lesion['ratio']:.2f}× real lesions' (mean painted "
         f"{lesion['painted']:.1f}, real {lesion['real']:.1f} grey levels; {lesion['visible']:.0%} of cases at least "
-        f"{lesion['target']}× real; by category: {categories}); target ≥ {lesion['target']}× overall and per "
-        f"category: {verdict[lesion['pass']]}",
-    ] + ([f"inpainting fidelity — not judged: {', '.join(lesion['unmeasurable'])} (real lesions' contrast within "
+        f"{lesion['target']}× real; by category: {categories}); target ≥ {lesion['target']}× over the judged "
+        f"cases: {verdict[lesion['pass']]}",
+    ] + ([f"inpainting fidelity — below {lesion['target']}× in: {', '.join(lesion['below'])} (the inpainting prompt "
+          "names no category; these are painted less conspicuous than their real counterparts)"]
+         if lesion.get("below") else []) + ([f"inpainting fidelity — not judged: {', '.join(lesion['unmeasurable'])} (real lesions' contrast within "
           "healthy tissue's spread at this image size)"] if lesion["unmeasurable"] else [])
 
 
-__all__ = ["run_inpaint_fidelity", "pipeline_painter", "pipeline_roundtrip", "load_lesions", "load_healthy",
-           "cases_for", "summary_lines"]
+__all__ = ["run_inpaint_fidelity", "score_inpainting", "pipeline_painter", "pipeline_roundtrip", "load_lesions",
+           "load_healthy", "cases_for", "summary_lines"]

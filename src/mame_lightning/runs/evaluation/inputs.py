@@ -199,22 +199,7 @@ def load_images(paths: Sequence[Path]) -> list[np.ndarray]:
     return images
 
 
-def sample_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
-    """One uint8 picture: a row of images per prompt, separated by `gap` black pixels."""
-    rows = [list(r) for r in rows if len(r)]
-    if not rows:
-        raise ValueError("no images for the sample grid")
-    height, width = rows[0][0].shape[:2]
-    columns = max(len(r) for r in rows)
-    grid = np.zeros((len(rows) * (height + gap) - gap, columns * (width + gap) - gap), np.uint8)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            y, x = i * (height + gap), j * (width + gap)
-            grid[y:y + height, x:x + width] = np.asarray(image, dtype=np.uint8).reshape(height, width)
-    return grid
-
-
 __all__ = ["EvaluationError", "ImageEntry", "model_paths", "check_model_paths", "model_label", "model_labels",
            "spread", "attribute_combinations", "sweep_prompts", "override_key", "sweep_scales",
-           "generation_settings", "image_entries", "load_images", "sample_grid"]
+           "generation_settings", "image_entries", "load_images"]
 
