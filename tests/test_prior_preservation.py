@@ -124,6 +124,21 @@ def test_batches_carry_training_rows_then_class_rows(prior_setup, prior_batch):
     assert datamodule.counts()["train"] == len(datamodule.train_dataset.instances)  # class images are extra
 
 
+def test_with_the_latent_cache_class_rows_come_as_cached_latents_too(prior_setup, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mame_lightning.runs.training import build_datamodule
+
+    cfg, components, folder = prior_setup
+    cached = OmegaConf.merge(cfg, {"dataset": {"latent_cache": {"dir": str(tmp_path / "latents")}}})
+    datamodule = build_datamodule(cached, components)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["is_prior"].tolist() == [False, False, True, True]
+    assert "pixel_values" not in batch and batch["latent_mean"].shape == (4, 4, 16, 16)
+    assert len(list((tmp_path / "latents").iterdir())) == 2  # one cache for the training set, one for the class images
+
+
 def test_the_loss_is_the_training_mse_plus_the_weighted_class_mse(prior_setup, prior_batch):
     cfg, components, _ = prior_setup
     _, batch = prior_batch
@@ -146,6 +161,19 @@ def test_prior_preservation_is_refused_outside_text_to_image(small_prepared, tmp
     with pytest.raises(prior_preservation.PriorConfigError, match="num_class_images=0"):
         prior_preservation.check_prior(compose_train(tmp_path / "run", root, prepared,
                                                      ["prior=on", "prior.num_class_images=0"]))
+
+
+def test_the_entry_point_refuses_prior_preservation_for_inpainting_in_one_line(small_prepared, tmp_path):
+    import subprocess
+
+    from helpers.training import train_command
+
+    root, prepared = small_prepared
+    proc = subprocess.run(train_command(root, prepared, ["prior=on", "task=inpaint", f"hydra.run.dir={tmp_path}"]),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: prior=on works with task=text2image")
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
