@@ -56,6 +56,7 @@ def load_architecture(name: str = "sd15_arch") -> dict:
             for key in ("unet", "vae", "text_encoder", "sample_size")}
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet may be trained to predict (models/diffusion.py)
 _VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _BUILD_FORMAT = 1  # bump when the folder layout written by build_tiny changes
 
@@ -199,6 +200,7 @@ def load_components(
     local_files_only: bool | None = None,
     vae_path: str | None = None,
     inpaint_init: str = "zero",
+    prediction_type: str | None = None,
 ) -> SDComponents:
     """Load the parts of a Stable Diffusion pipeline (hub id or folder) ready for training.
 
@@ -208,6 +210,8 @@ def load_components(
     `vae_path` swaps in another AutoencoderKL folder (e.g. one fine-tuned with task=autoencoder).
     `pretrained` is the config's name for `path` (a hub id or a diffusers folder); `path` wins.
     `inpaint_init` is how a UNet widened to `inpaint_in_channels` starts (see `widen_conv_in`).
+    `prediction_type` (epsilon | v_prediction) overrides what the scheduler config says the UNet predicts,
+    as diffusers' trainers' --prediction_type does; the export's scheduler config then says it too.
     """
     if not (path or pretrained):
         raise ValueError("load_components needs a hub id or folder (model.pretrained=...)")
@@ -216,6 +220,11 @@ def load_components(
     scheduler = _from_pretrained(DDPMScheduler, path, "scheduler", revision=revision, local_files_only=local_files_only)
     if scheduler.config.get("variance_type") is None:  # a DPM-Solver config leaves it empty
         scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
+    if prediction_type is not None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"model.prediction_type={prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)} "
+                             "(or null to keep the scheduler config's)")
+        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
     text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", **common)
     if vae_path:
         vae = _from_pretrained(AutoencoderKL, str(vae_path), "", local_files_only=local_files_only)

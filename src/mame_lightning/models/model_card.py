@@ -19,6 +19,8 @@ from mame_lightning.io import write_text
 CARD_FILE = "README.md"
 SD15_LICENSE = "creativeml-openrail-m"  # the Stable Diffusion v1.5 weights' licence binds derived weights
 OWN_LICENSE = "apache-2.0"  # weights trained from scratch by this project's code
+# Hub ids (by prefix) whose weights carry another licence than SD v1.5's
+BASE_LICENSES = {"stabilityai/stable-diffusion-2": "openrail++"}
 PIPELINE_TAGS = {"text2image": "text-to-image", "inpaint": "image-to-image", "autoencoder": "image-to-image"}
 BASE_TAGS = ["diffusers", "stable-diffusion", "stable-diffusion-diffusers", "mammography", "medical-imaging",
              "synthetic-data", "mame_lightning"]
@@ -42,6 +44,9 @@ def base_model_of(train_config: Mapping) -> str | None:
 
 def default_license(train_config: Mapping, base_model: str | None) -> str:
     model_target = str((train_config.get("model") or {}).get("_target_", ""))
+    for prefix, licence in BASE_LICENSES.items():
+        if base_model and base_model.startswith(prefix):
+            return licence
     return SD15_LICENSE if base_model or model_target.endswith("load_components") else OWN_LICENSE
 
 

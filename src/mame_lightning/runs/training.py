@@ -27,6 +27,7 @@ from mame_lightning.models.hub import check_push, push_folder
 from mame_lightning.models.loggers import finish as finish_loggers
 from mame_lightning.models.loggers import log_hyperparams
 from mame_lightning.models.text2image import TrainingDiverged
+from mame_lightning.runs import prior_preservation
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class HardwareError(RuntimeError):
 
 
 # Problems of the command line, the data or a checkpoint: the entry point reports them in one line.
-USER_ERRORS = (TrainingDiverged, CheckpointError, FileNotFoundError, HardwareError)
+USER_ERRORS = (TrainingDiverged, CheckpointError, FileNotFoundError, HardwareError,
+               prior_preservation.PriorConfigError)
 
 
 def check_hardware(cfg: DictConfig, cuda_available: bool | None = None) -> None:
@@ -146,6 +148,9 @@ def build_datamodule(cfg: DictConfig, components):
     )
     if cfg.dataset.get("latent_cache") and hasattr(datamodule, "set_vae"):
         datamodule.set_vae(components.vae)
+    class_images = prior_preservation.class_images(cfg, components)  # prior=on: drawn by the base model
+    if class_images is not None:
+        datamodule.set_prior_images(class_images)
     return datamodule
 
 
@@ -171,6 +176,7 @@ def optimized_metric(trainer: L.Trainer, cfg: DictConfig) -> dict | None:
 def train(cfg: DictConfig) -> dict:
     """Fit one run described by `cfg`; returns the result record also written to result.json."""
     check_hardware(cfg)
+    prior_preservation.check_prior(cfg)
     started = time.time()
     hub_token = check_hub(cfg)
     run_dir = run_dir_of(cfg)

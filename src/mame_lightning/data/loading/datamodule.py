@@ -96,6 +96,7 @@ class PreparedDataModule(lightning.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.latent_cache_path: Path | None = None
+        self.prior_images: Path | None = None  # class images of prior preservation (set_prior_images)
 
     # -- wiring done by the train entry point ------------------------------------------------
     def set_tokenizer(self, tokenizer) -> None:
@@ -103,6 +104,10 @@ class PreparedDataModule(lightning.LightningDataModule):
 
     def set_vae(self, vae) -> None:
         self.vae = vae
+
+    def set_prior_images(self, folder) -> None:
+        """Pair every training image with one of these class images (data/loading/prior_mix.py)."""
+        self.prior_images = Path(folder)
 
     @property
     def metadata_path(self) -> Path:
@@ -157,6 +162,8 @@ class PreparedDataModule(lightning.LightningDataModule):
             train, val = self._cached(full, train, val)
         if self.healthy is not None:
             train = self._with_healthy(train)
+        if self.prior_images is not None:
+            train = self._with_prior(train)
         self.train_dataset, self.val_dataset = train, val
 
     def _cache_of(self, full: PreparedImageDataset) -> Path:
@@ -208,6 +215,16 @@ class PreparedDataModule(lightning.LightningDataModule):
         mask_size = tuple(lesions[0]["mask"].shape[-2:])
         return inpaint_mix.InpaintMix(lesions, healthy, mask_size)
 
+    def _with_prior(self, instances: Dataset) -> Dataset:
+        """Training images, each with a class image (latents from the cache when the training images use it)."""
+        from mame_lightning.data.loading.latent_cache import LatentCacheDataset
+        from mame_lightning.data.loading.prior_mix import PriorMix
+
+        classes = PreparedImageDataset(self.prior_images, "text2image", self.tokenizer, resolution=self.resolution)
+        if self.uses_latent_cache:
+            classes = LatentCacheDataset(classes, self._cache_of(classes), pixels=self.cache_pixels)
+        return PriorMix(instances, classes)
+
     def _rank_zero_first(self, fn: Callable[[], Any]) -> Any:
         """Under several processes rank 0 builds first; the others then find and reuse it."""
         trainer = self.trainer
@@ -218,9 +235,11 @@ class PreparedDataModule(lightning.LightningDataModule):
         return result if result is not None else fn()
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        collate = getattr(dataset, "collate", None)  # a dataset that batches its own way (PriorMix)
         if train and self.sampling == "stream":
             sampler = ResumableStreamSampler.for_trainer(len(dataset), self.batch_size, self.seed, self.trainer)
             return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                              collate_fn=collate,
                               pin_memory=self.pin_memory,
                               persistent_workers=self.persistent_workers and self.num_workers > 0)
         generator = torch.Generator().manual_seed(self.seed) if train else None
@@ -229,6 +248,7 @@ class PreparedDataModule(lightning.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=train,
             generator=generator,
+            collate_fn=collate,
             drop_last=self.drop_last if train else False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
