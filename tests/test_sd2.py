@@ -60,10 +60,12 @@ def test_the_sd15_config_still_keeps_the_folders_prediction_type(tmp_path):
 
 
 def test_the_tiny_model_can_train_under_the_v_prediction_schedule(tmp_path):
-    cfg = compose_train(tmp_path / "run", tmp_path, tmp_path / "prepared", ["model/noise_schedule=sd_v2_v"],
+    from mame_lightning.models.components import resolve_noise_schedule
+
+    cfg = compose_train(tmp_path / "run", tmp_path, tmp_path / "prepared", ["model.noise_schedule=sd_v2_v"],
                         synthetic=False)
-    assert cfg.model.noise_schedule.prediction_type == "v_prediction"
-    assert cfg.model.noise_schedule.beta_schedule == "scaled_linear"
+    schedule = resolve_noise_schedule(cfg.model.noise_schedule)
+    assert schedule["prediction_type"] == "v_prediction" and schedule["beta_schedule"] == "scaled_linear"
 
 
 def test_loading_keeps_or_overrides_the_prediction_type(sd2_folder):
