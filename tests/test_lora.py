@@ -21,6 +21,7 @@ from mame_lightning.models.inpaint import InpaintModule
 from mame_lightning.models.lora import LORA_WEIGHTS, LoraStateError
 from mame_lightning.models.text2image import Text2ImageModule
 from mame_lightning.pipelines.loading import load_model
+from mame_lightning.pipelines.stock import load_stock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,6 +163,7 @@ def test_export_is_the_base_pipeline_plus_a_lora_file_that_stock_diffusers_loads
                               atol=1e-5)
     assert float(abs(adapted - before).max()) > 1e-3, "the adapters change the images"
 
+    assert abs(images(load_stock(folder, device="cpu").pipe) - adapted).max() <= 1e-5  # evaluate pipeline=stock
     ours = load_model(folder, device="cpu", dtype="fp32")  # what generate, evaluate and the app use
     pipe.scheduler = type(ours.pipe.scheduler).from_config(ours.pipe.scheduler.config)
     assert abs(images(ours.pipe) - images(pipe)).max() <= 1e-5
