@@ -3,7 +3,8 @@
 `python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR] [push_to_hub=OWNER/NAME]`
 rebuilds the run's model from `RUN/resolved_config.yaml`, loads the checkpoint weights (EMA weights
 when the run kept them) and writes the pipeline folder plus `mame_lightning.json` and the model card
-README.md (default `RUN/export`); `push_to_hub` uploads it (token: HF_TOKEN). The work is
+README.md (default `RUN/export`); `merge_lora=true` merges a LoRA run's adapters into the weights;
+`push_to_hub` uploads it (token: HF_TOKEN). The work is
 `mame_lightning.models.export.export_checkpoint`.
 """
 
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("usage: python -m mame_lightning.export ckpt=RUN/checkpoints/last.ckpt [out=DIR] [config=FILE]")
     try:
         token = check_push(cfg.push_to_hub) if cfg.get("push_to_hub") else None
-        folder = export_checkpoint(cfg.ckpt, cfg.get("out"), cfg.get("config"))
+        folder = export_checkpoint(cfg.ckpt, cfg.get("out"), cfg.get("config"), cfg.get("merge_lora"))
     except (ValueError, OSError) as exc:  # a bad checkpoint or config: one line, no traceback
         raise SystemExit(f"error: {exc}") from exc
     print(f"exported diffusers pipeline to {folder}")

@@ -40,13 +40,20 @@ def build_components(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, components):
-    """The task's LightningModule around `components`, with the optimizer (and LR schedule) partials.
+    """The task's LightningModule around `components`, with the optimizer (and LR schedule) partials and,
+    when the `lora` group targets a part, the LoRA options.
 
     Objects are handed to the partial, not to instantiate: Hydra would turn a dataclass into config.
     """
     options = {"components": components, "optimizer": instantiate(cfg.optimizer)}
     if cfg.get("lr_scheduler") is not None:
         options["lr_scheduler"] = instantiate(cfg.lr_scheduler)
+    lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None
+    if lora and any(lora.get(part) for part in ("unet", "text_encoder")):  # conf/lora/: adapters, base frozen
+        if cfg.task.name not in ("text2image", "inpaint"):
+            raise ValueError(f"the lora group trains adapters on Stable Diffusion's UNet and text encoder: use it with "
+                             f"task=text2image or task=inpaint, not task={cfg.task.name} (or lora=none)")
+        options["lora"] = lora
     return instantiate(cfg.task.module, _partial_=True)(**options)
 
 

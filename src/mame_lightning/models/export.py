@@ -5,8 +5,10 @@ The folder loads with `StableDiffusionPipeline.from_pretrained` (or the inpainti
 9-channel UNet) and no code of ours; the sidecar tells generation and evaluation which prompt
 templates and attribute values the model was trained on, and README.md is the same told as a
 Hugging Face model card. Weights are written in float32 (EMA weights when the run kept an
-average), and the folder appears complete or not at all. A checkpoint is exported by rebuilding
-its run's model from the run's resolved config (`models.building`) and loading the weights.
+average), and the folder appears complete or not at all. A LoRA run exports the base pipeline plus
+`pytorch_lora_weights.safetensors`, or the adapters merged (`export.merge_lora`; `models.lora`). A
+checkpoint is exported by rebuilding its run's model from the run's resolved config (`models.building`)
+and loading the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mame_lightning.io import atomic_folder, write_text
 from mame_lightning.models.building import RESOLVED_CONFIG
 from mame_lightning.models.ema import ema_weights
+from mame_lightning.models.lora import write_export as write_lora_export
 from mame_lightning.models.model_card import write_model_card
 
 METADATA_FILE = "mame_lightning.json"
@@ -44,9 +47,11 @@ def float32_weights(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 def export_metadata(*, task, templates=None, attributes=None, train_config=None, data_counts=None,
-                    prepare_size: int = 0, ema: bool = False) -> dict:
-    """The sidecar contents; attribute lists always carry the four keys (empty when unknown)."""
+                    prepare_size: int = 0, ema: bool = False, lora: Mapping | None = None) -> dict:
+    """The sidecar contents; attribute lists always carry the four keys (empty when unknown); `lora` (a LoRA
+    run only): rank, alpha, target modules, whether merged and the adapter file."""
     attributes = dict(attributes or {})
+    extra = {"lora": dict(lora)} if lora else {}
     return {
         "task": task,
         "templates": dict(templates or {}),
@@ -56,6 +61,7 @@ def export_metadata(*, task, templates=None, attributes=None, train_config=None,
         "prepare_size": int(prepare_size or 0),
         "ema_weights": bool(ema),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }
 
 
@@ -81,23 +87,29 @@ def export_pipeline(
     prepare_size: int = 0,
     metrics: Mapping | None = None,
     card: Mapping | None = None,
+    merge_lora: bool = False,
 ) -> Path:
     """Write `module.components` as a diffusers pipeline folder (DPM-Solver++) + mame_lightning.json
-    + README.md (model card with `metrics`; `card` may set its `license` and `base_model`)."""
+    + README.md (model card with `metrics`; `card` may set its `license` and `base_model`); a LoRA module
+    adds its adapter file, or with `merge_lora` its adapters fused into the weights."""
     components = module.components
     task = task or getattr(module, "task", None) or ("inpaint" if components.is_inpaint else "text2image")
     if task == "inpaint" and not components.is_inpaint:
         raise ValueError(f"task=inpaint but the UNet takes {components.unet.config.in_channels} input channels, not 9")
-    ema = getattr(module, "ema", None)
-    metadata = export_metadata(task=task, templates=templates, attributes=attributes, train_config=train_config,
-                               data_counts=data_counts, prepare_size=prepare_size, ema=ema is not None)
-    text = json.dumps(metadata, indent=2, default=str)
+    ema, lora = getattr(module, "ema", None), getattr(module, "lora", None)
     folder = Path(folder)
     check_export_target(folder)
     with atomic_folder(folder) as tmp:
-        parts = (components.unet, components.vae, components.text_encoder)
-        with torch.no_grad(), ema_weights(ema, components.unet), float32_weights(*parts):
-            components.save_pretrained(tmp)
+        if lora is not None:  # copies in float32 carry the adapters out: the live modules stay as they are
+            with torch.no_grad(), float32_weights(components.vae):
+                lora = write_lora_export(components, tmp, lora, merge=merge_lora)
+        else:
+            parts = (components.unet, components.vae, components.text_encoder)
+            with torch.no_grad(), ema_weights(ema, components.unet), float32_weights(*parts):
+                components.save_pretrained(tmp)
+        metadata = export_metadata(task=task, templates=templates, attributes=attributes, train_config=train_config,
+                                   data_counts=data_counts, prepare_size=prepare_size, ema=ema is not None, lora=lora)
+        text = json.dumps(metadata, indent=2, default=str)
         write_text(tmp / METADATA_FILE, text, fsync=False)  # the folder is flushed as a whole
         card = {k: v for k, v in dict(card or {}).items() if k in ("license", "base_model") and v}
         write_model_card(tmp, json.loads(text), metrics=metrics, **card)
@@ -119,6 +131,12 @@ def read_export_metadata(folder: str | os.PathLike, missing_ok: bool = False) ->
 
 
 # -- from a run config and a checkpoint ------------------------------------------------------------
+def merge_lora_of(cfg: DictConfig) -> bool:
+    """`export.merge_lora`: a LoRA run's export holds the adapters merged into the weights."""
+    export = cfg.get("export")
+    return bool(export.get("merge_lora", False)) if isinstance(export, DictConfig) else False
+
+
 def card_options(cfg: DictConfig) -> dict:
     """`export.license` / `export.base_model` for the model card (absent keys: derived from the run)."""
     export = cfg.get("export")
@@ -128,14 +146,16 @@ def card_options(cfg: DictConfig) -> dict:
 
 
 def export_with_config(module, folder: str | os.PathLike, cfg: DictConfig, *, attributes: Mapping | None = None,
-               data_counts: Mapping | None = None, metrics: Mapping | None = None) -> Path:
+               data_counts: Mapping | None = None, metrics: Mapping | None = None,
+               merge_lora: bool | None = None) -> Path:
     """`export_pipeline` with what the run config says: task, prompt templates, the resolved config,
-    the preparation size and the card options."""
+    the preparation size, the card options and `export.merge_lora` (unless `merge_lora` is given)."""
     templates = OmegaConf.to_container(cfg.dataset.get("templates") or {}, resolve=True)
     return Path(export_pipeline(
         module, folder, task=cfg.task.name, templates=templates, attributes=attributes,
         train_config=OmegaConf.to_container(cfg, resolve=True), data_counts=data_counts,
         prepare_size=int(cfg.dataset.get("size") or 0), metrics=metrics, card=card_options(cfg),
+        merge_lora=merge_lora_of(cfg) if merge_lora is None else bool(merge_lora),
     ))
 
 
@@ -188,9 +208,10 @@ def _run_metrics(run_config: Path, global_step: int) -> dict | None:
 
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike | None = None,
-                      config: str | os.PathLike | None = None) -> Path:
+                      config: str | os.PathLike | None = None, merge_lora: bool | None = None) -> Path:
     """Rebuild the run's model from its resolved config (refusing builders outside the allow-list), load the
-    checkpoint's weights (and EMA state) and export them; default folder: `<run>/export`."""
+    checkpoint's weights (and EMA state) and export them; default folder: `<run>/export`. `merge_lora`
+    (None: the run's `export.merge_lora`) merges a LoRA run's adapters."""
     from mame_lightning.models.building import build_components, build_module, check_targets
     from mame_lightning.models.checkpoints import check_checkpoint, load_checkpoint
 
@@ -209,4 +230,4 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike | None = N
     attributes, counts = _prepared_attributes(cfg)
     out = Path(out) if out else ckpt.parent.parent / "export"
     return export_with_config(module, out, cfg, attributes=attributes, data_counts=counts,
-                      metrics=_run_metrics(config, int(state.get("global_step", -1))))
+                              metrics=_run_metrics(config, int(state.get("global_step", -1))), merge_lora=merge_lora)

@@ -48,12 +48,15 @@ class InpaintModule(Text2ImageModule):
         parameters = super().optimizer_parameters()
         if scale == 1.0 or not self.hparams.train_unet:
             return parameters
-        special = {id(p) for p in self.unet.conv_in.parameters()}
+        conv_in = [p for p in self.unet.conv_in.parameters() if p.requires_grad]  # none under LoRA
+        if not conv_in:
+            return parameters
+        special = {id(p) for p in conv_in}
         rest = [p for p in parameters if id(p) not in special]
         lr = self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
         if lr is None:
             raise ValueError("conv_in_lr_scale needs the optimizer's lr (a partial with lr=..., as conf/optimizer gives)")
-        return [{"params": rest}, {"params": list(self.unet.conv_in.parameters()), "lr": float(lr) * scale}]
+        return [{"params": rest}, {"params": conv_in, "lr": float(lr) * scale}]
 
     def training_masks(self, batch: Mapping, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
         """The batch's lesion masks, or the mix's random shapes in their place; and whether any was drawn.

@@ -83,7 +83,7 @@ def card_metadata(metadata: Mapping, *, license: str | None = None, base_model: 
         "license": license or default_license(train_config, base),
         "library_name": "diffusers",
         "pipeline_tag": PIPELINE_TAGS.get(task, "text-to-image"),
-        "tags": BASE_TAGS + TASK_TAGS.get(task, []),
+        "tags": BASE_TAGS + TASK_TAGS.get(task, []) + (["lora"] if metadata.get("lora") else []),
     }
     if base:
         data["base_model"] = base
@@ -115,6 +115,7 @@ def _recipe(metadata: Mapping) -> list[str]:
         ("optimizer", str(optimizer.get("_target_", "")).rsplit(".", 1)[-1] or None),
         ("precision", precision.get("lightning")),
         ("EMA weights", "yes" if metadata.get("ema_weights") else "no"),
+        ("LoRA", _lora_row(metadata.get("lora"))),
         ("seed", cfg.get("seed")),
     ]
     lines = ["## Training recipe", "", *_table(("setting", "value"), rows)]
@@ -127,6 +128,14 @@ def _recipe(metadata: Mapping) -> list[str]:
             if values:
                 lines.append(f"| {name} | " + ", ".join(f"{v}: {n}" for v, n in values.items()) + " |")
     return lines
+
+
+def _lora_row(lora: Mapping | None) -> str | None:
+    if not lora:
+        return None
+    parts = " and ".join(part.replace("_", " ") for part in ("unet", "text_encoder") if lora.get(part))
+    how = "merged into the weights" if lora.get("merged") else f"adapters in `{lora.get('weights')}`"
+    return f"rank {lora.get('rank')}, alpha {lora.get('alpha'):g} on the {parts}; {how}"
 
 
 def _prompts(metadata: Mapping) -> list[str]:
@@ -166,6 +175,8 @@ def _usage(metadata: Mapping) -> list[str]:
         "## How to use", "",
         "```python", f"from diffusers import {pipeline}", "",
         f'pipe = {pipeline}.from_pretrained("THIS_FOLDER_OR_REPO", safety_checker=None)',
+        *(['pipe.load_lora_weights("THIS_FOLDER_OR_REPO")  # the LoRA adapters over the base pipeline']
+          if (metadata.get("lora") or {}).get("weights") else []),
         f"image = {call}", "```", "",
         "or `python -m mame_lightning.generate model_path=THIS_FOLDER prompt=\"...\" n=8 out=DIR`, which marks "
         "every image as described below.",

@@ -18,6 +18,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from mame_lightning.models import diffusion
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
+from mame_lightning.models.lora import (CHECKPOINT_KEY, adapter_state, add_lora, check_adapter_state,
+                                        check_checkpoint_kind)
 from mame_lightning.models.optimization import constant_schedule
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
 
 
 class Text2ImageModule(L.LightningModule):
-    """Fine-tunes the UNet (and optionally the text encoder) on prompt-image pairs."""
+    """Fine-tunes the UNet (and optionally the text encoder) on prompt-image pairs; with `lora` (the lora
+    config group: rank, alpha, dropout, target modules per part) only adapters on them train."""
 
     task = "text2image"
 
@@ -104,6 +107,7 @@ class Text2ImageModule(L.LightningModule):
         max_skipped_fraction: float = 0.05,
         max_consecutive_skipped: int = 10,
         seed: int = 0,
+        lora: Mapping | None = None,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -115,7 +119,7 @@ class Text2ImageModule(L.LightningModule):
             raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
-        ema = plain_options(ema)  # plain types in the checkpoint: it loads with weights_only=True
+        ema, lora = plain_options(ema), plain_options(lora)  # plain types: checkpoints load with weights_only=True
         self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler"])
         self.components = components
         self.unet = components.unet
@@ -126,11 +130,17 @@ class Text2ImageModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler or constant_schedule
         self.check_unet_channels()
+        self.lora = add_lora(components, lora)
+        if self.lora is not None:  # the adapters decide what trains
+            if ema:
+                raise ValueError("task.module.ema does not apply to LoRA training (lora=none to keep an average)")
+            self.hparams.train_unet = "unet" in self.lora.parts
+            self.hparams.train_text_encoder = "text_encoder" in self.lora.parts
         self.freeze_frozen_parts()
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
         set_attention_backend(self.unet, attention_backend)
-        self.ema = build_ema(self.unet, ema) if train_unet else None
+        self.ema = build_ema(self.unet, ema) if self.hparams.train_unet else None
         self.skipped_steps = 0  # micro-batches skipped for a non-finite loss (nonfinite=skip)
         self.attempted_steps = 0  # micro-batches trained on or skipped
         self.consecutive_skipped = 0
@@ -164,7 +174,8 @@ class Text2ImageModule(L.LightningModule):
             module.requires_grad_(False)
             module.eval()
         for module in self.trainable_modules():
-            module.requires_grad_(True)
+            if self.lora is None:  # LoRA: add_lora left only the adapters trainable
+                module.requires_grad_(True)
             module.train()  # from_pretrained returns eval-mode models; Lightning keeps modes as found
 
     def train(self, mode: bool = True):
@@ -350,8 +361,19 @@ class Text2ImageModule(L.LightningModule):
         checkpoint["consecutive_skipped"] = self.consecutive_skipped
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.lora is not None:  # the adapters and their optimiser state only: the base is rebuilt from the config
+            checkpoint["state_dict"] = adapter_state(self, checkpoint["state_dict"])
+            checkpoint[CHECKPOINT_KEY] = self.lora.summary()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A LoRA run's checkpoint holds only the adapters: checked against this run's, the base is kept."""
+        if self.lora is not None:
+            check_adapter_state(self, state_dict)
+            strict = False
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_kind(checkpoint, self.lora)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self.attempted_steps = int(checkpoint.get("attempted_steps", checkpoint.get("global_step", 0)))
         self.consecutive_skipped = int(checkpoint.get("consecutive_skipped", 0))

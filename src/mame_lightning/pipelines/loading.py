@@ -3,7 +3,8 @@
 The exported folder is the one contract between training and generation (docs/architecture.md,
 "Exported model folder"); a `.ckpt` is exported to a temporary folder first (`models.export`), so
 both paths load through the same `from_pretrained` code. The sidecar `mame_lightning.json` tells the task, the
-prompt templates and the attribute values the model was trained on.
+prompt templates and the attribute values the model was trained on. The export of a LoRA run holds the base
+pipeline plus `pytorch_lora_weights.safetensors`, loaded on top with diffusers' `load_lora_weights`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from mame_lightning.models.export import METADATA_FILE, read_export_metadata
+from mame_lightning.models.lora import has_lora_weights
 from mame_lightning.models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -143,9 +145,16 @@ def _dtype_argument(dtype: torch.dtype) -> dict:
     return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}
 
 
+def with_lora_weights(pipe, folder: str | Path):
+    """The pipeline with the folder's LoRA adapters loaded (a LoRA run's unmerged export), else as it is."""
+    if has_lora_weights(folder):
+        pipe.load_lora_weights(str(folder))
+    return pipe
+
+
 def load_folder(folder: str | Path, *, device: str | None = "auto", dtype: str | None = "auto",
                 scheduler: str = DEFAULT_SCHEDULER, label: str | None = None) -> LoadedModel:
-    """Load an exported pipeline folder onto `device` with the named scheduler."""
+    """Load an exported pipeline folder (and its LoRA adapters, if any) onto `device` with a named scheduler."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         if folder.is_dir():
@@ -158,7 +167,7 @@ def load_folder(folder: str | Path, *, device: str | None = "auto", dtype: str |
     pipe = pipeline_class(task).from_pretrained(
         folder, **_dtype_argument(torch_dtype), safety_checker=None, requires_safety_checker=False
     )
-    pipe = pipe.to(target)
+    pipe = with_lora_weights(pipe, folder).to(target)
     pipe.set_progress_bar_config(disable=True)
     model = LoadedModel(pipe=pipe, task=task, path=label or str(folder), metadata=metadata,
                         base_scheduler_config=dict(pipe.scheduler.config))
@@ -187,4 +196,5 @@ def load_model(path: str | Path | None, *, device: str | None = "auto", dtype: s
 __all__ = [
     "LoadedModel", "ModelNotFoundError", "SCHEDULERS", "DEFAULT_SCHEDULER", "load_model", "load_folder", "model_label",
     "make_scheduler", "read_metadata", "detect_task", "resolve_device", "resolve_dtype", "missing_model_message",
+    "with_lora_weights",
 ]
