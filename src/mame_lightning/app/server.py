@@ -171,6 +171,11 @@ def serve(cfg: DictConfig, *, block: bool = True) -> RunningApp:
             allowed_paths=[str(root)], max_file_size=f"{int(cfg.app.max_upload_mb)}mb", inbrowser=False,
         )
         running.url = demo.local_url or f"http://{host}:{cfg.app.port}/"
+    except KeyboardInterrupt:
+        running.close()
+        if not block:
+            raise
+        return running  # Ctrl+C / SIGTERM before gradio reached its serving loop: the same clean stop
     except BaseException:
         running.close()
         raise
