@@ -30,7 +30,7 @@ FULL_SIZE = (3328, 2560)
 
 def raw_set(work_dir: Path, n: int, height: int, width: int) -> Path:
     """Generate (or reuse) the synthetic raw set; returns its folder."""
-    from mame_lightning.data.sources.synthetic import SyntheticSource
+    from mame_lightning.data.prepare.sources.synthetic import SyntheticSource
 
     raw = Path(work_dir) / f"prepare_raw_{n}_{height}x{width}"
     began = time.perf_counter()

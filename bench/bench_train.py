@@ -1,8 +1,9 @@
 """Training throughput: our LightningModule + lightning.Trainer against the reference loop.
 
 Same model, data, batch, precision and optimizer on both sides; warm-up steps excluded. Variants:
-the latent cache on/off (ours), gradient checkpointing on/off, AdamW vs 8-bit AdamW. Run on the
-tiny model and on SD v1.5's full-size architecture (random weights, built once under the cache).
+the latent cache on/off (ours), gradient checkpointing on/off, AdamW vs 8-bit AdamW, LoRA (lora=unet, rank 4)
+vs full fine-tuning. Run on the tiny model and on SD v1.5's full-size architecture (random weights, built once
+under the cache).
 
     python bench/bench_train.py [--model tiny|sd15_arch|both] [--device cuda] [--quick]
 """
@@ -39,6 +40,7 @@ class Variant:
     cache: bool = False
     checkpointing: bool = False
     optimizer: str = "adamw"
+    lora: str = "none"  # conf/lora/<name>: "unet" trains adapters only (ours)
 
     @property
     def setting(self) -> tuple[bool, str]:
@@ -54,8 +56,10 @@ TINY_VARIANTS = (
     Variant("ours+cache+ckpt", "ours", cache=True, checkpointing=True),
     Variant("reference 8bit", "reference", optimizer="adamw8bit"),
     Variant("ours+cache 8bit", "ours", cache=True, optimizer="adamw8bit"),
+    Variant("ours+cache lora", "ours", cache=True, lora="unet"),
 )
-SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True))
+SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True),
+                 Variant("ours+cache lora", "ours", cache=True, lora="unet"))
 
 
 @dataclass
@@ -110,13 +114,13 @@ def train_config(setup: Setup, variant: Variant):
     return setups.compose("train", [
         "task=text2image", f"optimizer={variant.optimizer}", "seed=0",
         f"task.module.gradient_checkpointing={variant.checkpointing}",
-        f"task.module.train_text_encoder={setup.train_text_encoder}",
+        f"task.module.train_text_encoder={setup.train_text_encoder}", f"lora={variant.lora}",
     ])
 
 
 def build_ours(components, setup: Setup, variant: Variant, cache_dir: Path | None):
-    from mame_lightning.data.datamodule import PreparedDataModule
-    from mame_lightning.training import build_module
+    from mame_lightning.data.loading.datamodule import PreparedDataModule
+    from mame_lightning.models.building import build_module
 
     module = build_module(train_config(setup, variant), components)
     cache = {"enabled": True, "dir": str(cache_dir), "batch_size": 8} if variant.cache else False
@@ -141,12 +145,20 @@ def run_ours(components, setup: Setup, variant: Variant, device: torch.device,
     trainer = trainer_for(device, setup.precision, setup.warmup + setup.steps, [ClockCallback(clock)])
     trainer.fit(module, datamodule=datamodule)
     extra["loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    extra["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    extra["optimizer_state_mib"] = optimizer_state_mib(trainer.optimizers[0])
     return clock, extra
+
+
+def optimizer_state_mib(optimizer: torch.optim.Optimizer) -> float:
+    """What the optimizer keeps per trained weight (AdamW: two moments), in MiB."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def run_reference(components, setup: Setup, variant: Variant, device: torch.device,
                   cache_dir: Path) -> tuple[StepClock, dict]:
-    from mame_lightning.data.datamodule import PreparedImageDataset
+    from mame_lightning.data.loading.prepared_set import PreparedImageDataset
 
     dataset = PreparedImageDataset(setup.prepared, "text2image", components.tokenizer)
     clock, losses = reference_train(
@@ -198,6 +210,9 @@ def summarise(setup: Setup, variant: Variant, runs: list[dict]) -> dict:
            "steps_timed": wall["n"], "rounds": len(runs), "peak_mib": max(r["peak_mib"] for r in runs),
            "peak_delta_mib": max(r["peak_delta_mib"] for r in runs), "memory_kind": runs[0]["memory_kind"],
            "loss": runs[-1].get("loss")}
+    for key in ("trainable_params", "optimizer_state_mib"):
+        if key in runs[-1]:
+            row[key] = runs[-1][key]
     if "cache_s" in runs[0]:
         row["cache_build_s"] = runs[0]["cache_s"]
     return row
@@ -263,12 +278,19 @@ def summary_ratios(rows: list[dict]) -> dict:
         plain, ckpt = by_name.get((model, "reference")), by_name.get((model, "reference+ckpt"))
         if plain and ckpt and "peak_delta_mib" in ckpt:
             ratios[f"{model}.ckpt_memory_saving"] = ratio(plain["peak_delta_mib"], ckpt["peak_delta_mib"])
+        full, lora = by_name.get((model, "ours+cache")), by_name.get((model, "ours+cache lora"))
+        if full and lora and "images_per_s" in full and "images_per_s" in lora:
+            ratios[f"{model}.lora_vs_full_speed"] = ratio(lora["images_per_s"], full["images_per_s"])
+            ratios[f"{model}.lora_memory_saving"] = ratio(full.get("peak_delta_mib"), lora.get("peak_delta_mib"))
+            ratios[f"{model}.lora_optimizer_state_saving"] = ratio(full.get("optimizer_state_mib"),
+                                                                   lora.get("optimizer_state_mib"))
     return ratios
 
 
 COLUMNS = [("model", "model"), ("variant", "variant"), ("batch", "batch"), ("images_per_s", "img/s"),
            ("step_s", "s/step"), ("vs_reference", "vs ref"),
            ("cpu_s_per_image", "CPU s/img"), ("vs_reference_cpu", "vs ref (CPU)"), ("peak_delta_mib", "peak +MiB"),
+           ("trainable_params", "trained params"), ("optimizer_state_mib", "optimizer MiB"),
            ("cache_build_s", "cache build s"), ("break_even_steps", "break-even steps"), ("skipped", "note")]
 
 

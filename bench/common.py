@@ -218,15 +218,9 @@ def make_record(name: str, device_facts: Mapping, config: Mapping, figures, rati
 def append_record(path: Path, record: Mapping) -> Path:
     """Add one JSON line to `path` atomically: the old lines plus the new one go to a temporary
     file in the same folder, which then replaces the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_bytes() if path.is_file() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(old + (json.dumps(record, sort_keys=True, default=str) + "\n").encode())
-    os.replace(tmp, path)
-    return path
+    from mame_lightning.io import append_line
+
+    return append_line(path, json.dumps(record, sort_keys=True, default=str))
 
 
 def read_records(path: Path) -> list[dict]:

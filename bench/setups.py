@@ -115,7 +115,7 @@ def prepared_set(work_dir: Path, *, size: int, n: int = 48, height: int = 512, w
     """A prepared set of `n` synthetic phantoms at `size` px (made on first use, then reused).
 
     Content filters are off: a benchmark needs images, whatever the phantoms show."""
-    from mame_lightning.data.preparation import prepare_from_config
+    from mame_lightning.data.prepare.preparation import prepare_from_config
 
     raw = Path(work_dir) / f"raw_{n}_{height}x{width}"
     prepared = Path(work_dir) / f"prepared_all_{n}_{height}x{width}_{size}"

@@ -19,10 +19,9 @@ from PIL import Image
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from app_helpers import start_app  # noqa: E402
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: E402,F401 - fixtures
+from helpers.app import start_app
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

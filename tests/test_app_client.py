@@ -14,11 +14,9 @@ from PIL import Image
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from app_helpers import start_app  # noqa: E402
-from dicom_factory import half_disc_phantom, write_phantom  # noqa: E402
-from generation_helpers import (  # noqa: E402,F401 - fixtures
-    SIZE, breast_image, inpaint_dir, inpaint_model, models_root, one_thread, t2i_dir, t2i_model,
-)
+from helpers.app import start_app
+from helpers.dicom_factory import half_disc_phantom, write_phantom
+from helpers.generation import SIZE, breast_image
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -29,7 +27,7 @@ from mame_lightning.pipelines.generation import GenerationSettings, inpaint, rep
 from mame_lightning.pipelines.inputs import inpaint_mask, load_input_image  # noqa: E402
 from mame_lightning.pipelines.marking import read_png_text  # noqa: E402
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_thread")]
 
 NAMED = {"/generate", "/compose_prompt", "/load_image", "/load_example", "/inpaint", "/send_to_inpaint",
          "/full_generate", "/full_inpaint"}

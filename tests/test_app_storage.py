@@ -14,12 +14,11 @@ import pytest
 pytest.importorskip("gradio")
 httpx = pytest.importorskip("httpx")
 
-from app_helpers import free_port, start_app  # noqa: E402
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: E402,F401 - fixtures
+from helpers.app import free_port, start_app
 
 from mame_lightning.app import handlers as h  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 ATTRS = ("attributes", "siemens", "MLO", "high", "small", "")
 SAMPLING = ("", 4.0, 2, 0, False, 1, "dpmsolver++", False)  # negative, guidance, steps, seed, random, n, ...
 DAY = 86400
@@ -111,3 +110,30 @@ def test_sigterm_removes_the_temporary_output_folder(inpaint_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_signal_during_start_up_is_the_same_clean_stop(inpaint_dir, tmp_path, monkeypatch):
+    """SIGTERM can land while gradio is still starting (its own readiness request), before its serving
+    loop catches Ctrl+C: serve() still stops cleanly, temporary folder removed, no traceback."""
+    import gradio
+
+    from helpers.app import FAST
+    from mame_lightning.app.server import load_config, serve
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+
+    def interrupted_launch(self, *args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(gradio.Blocks, "launch", interrupted_launch)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        running = serve(load_config([f"model.inpaint={inpaint_dir}", f"app.port={free_port()}", *FAST]), block=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert running.temporary and not any(folder.exists() for folder in running.temporary)
+    assert not list(tmp_path.glob("mame_app_*"))
+    with pytest.raises(KeyboardInterrupt):  # a caller that runs it in the background still hears it
+        serve(load_config([f"model.inpaint={inpaint_dir}", f"app.port={free_port()}", *FAST]), block=False)
+    assert not list(tmp_path.glob("mame_app_*"))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    adamw, collate, loader, model_cache, one_thread, same_weights, tiny, toy_items, trainer, weights,
-)
+from helpers.modules import adamw, collate, loader, same_weights, tiny, toy_items, trainer, weights
 
 from mame_lightning.models.autoencoder import AutoencoderModule
 from mame_lightning.models.text2image import step_generator

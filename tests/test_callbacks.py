@@ -1,4 +1,4 @@
-"""Callbacks: sample grids (PNG + TensorBoard), training statistics, the non-finite guard, export."""
+"""Callbacks: sample grids (PNG + TensorBoard), training statistics, the non-finite guard."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    PROMPTS, SIZE, adamw, loader, model_cache, one_thread, tiny, toy_items, trainer,
-)
+from helpers.modules import PROMPTS, SIZE, adamw, loader, tiny, toy_items, trainer
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mame_lightning.models.callbacks import (
-    ExportOnTrainEnd, FiniteCheckpointGuard, SampleGrid, TrainingStats, gradient_norm,
+    FiniteCheckpointGuard, SampleGrid, TrainingStats, gradient_norm,
 )
 from mame_lightning.models.inpaint import InpaintModule
 from mame_lightning.models.text2image import Text2ImageModule
@@ -149,14 +147,3 @@ def test_checkpoint_guard_refuses_non_finite_weights(model_cache, tmp_path):
     with pytest.raises(RuntimeError, match=r"refusing to save.*conv_in\.weight"):
         fit.save_checkpoint(tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
-
-
-def test_export_on_train_end_writes_the_pipeline_folder(model_cache, tmp_path):
-    from mame_lightning.models.export import read_export_metadata
-
-    m = Text2ImageModule(tiny(model_cache), adamw())
-    callback = ExportOnTrainEnd(tmp_path / "export", {"templates": {"text2image": "a mammogram"}, "prepare_size": 32})
-    trainer(max_steps=1, callbacks=[callback]).fit(m, loader(toy_items(m.components)))
-    assert (tmp_path / "export" / "unet").is_dir()
-    meta = read_export_metadata(tmp_path / "export")
-    assert meta["task"] == "text2image" and meta["prepare_size"] == 32

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mame_lightning
-from module_helpers import adamw, loader, model_cache, one_thread, tiny, toy_items, trainer  # noqa: F401
+from helpers.modules import adamw, loader, tiny, toy_items, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,7 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
 
 def run_folder(root: Path, overrides: list[str] = ()) -> Path:
     """A run folder with the resolved config of a tiny text-to-image run, as training writes it."""
-    from mame_lightning.training import save_resolved_config
+    from mame_lightning.runs.training import save_resolved_config
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.root={root}", f"run_dir={root / 'run'}", *overrides])
@@ -60,7 +60,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 def test_export_and_generate_from_a_crafted_checkpoint_run_nothing(tmp_path, monkeypatch):
     from mame_lightning import generate
-    from mame_lightning.export import export_checkpoint
+    from mame_lightning.models.export import export_checkpoint
 
     run = run_folder(tmp_path)
     marker = tmp_path / "pwned"
@@ -77,7 +77,7 @@ def test_export_and_generate_from_a_crafted_checkpoint_run_nothing(tmp_path, mon
 
 
 def test_a_run_config_that_builds_other_callables_is_refused(tmp_path):
-    from mame_lightning.export import export_checkpoint
+    from mame_lightning.models.export import export_checkpoint
 
     run = run_folder(tmp_path)
     secret, marker = tmp_path / "id_rsa", tmp_path / "copied"
@@ -105,7 +105,7 @@ def test_checkpoints_with_omegaconf_hyperparameters_still_load(tmp_path):
 
 
 def test_a_corrupt_last_checkpoint_under_resume_auto_names_the_file_and_the_way_out(tmp_path):
-    from mame_lightning.training import resolve_ckpt_path
+    from mame_lightning.runs.training import resolve_ckpt_path
 
     run = run_folder(tmp_path, ["resume=auto"])
     last = run / "checkpoints" / "last.ckpt"

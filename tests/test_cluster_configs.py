@@ -15,12 +15,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cluster_helpers import TINY, check_optuna_search, job_env, output_of, run_entry
+from helpers.cluster import TINY, check_optuna_search, job_env, output_of, run_entry
 from hydra_plugins.mame_lightning_cluster.launchers import (LocalParallelLauncher, SlurmLauncher, job_gpus,
                                                             rejection_message)
-from mame_lightning.sweep import expected_jobs, main as sweep_main
-from mame_lightning.training import resolve_ckpt_path
-from train_helpers import CONF_DIR, prepare_small_synthetic
+from mame_lightning.runs.multirun import expected_jobs
+from mame_lightning.runs.training import resolve_ckpt_path
+from mame_lightning.sweep import main as sweep_main
+from helpers.training import CONF_DIR, prepare_small_synthetic
 
 
 def compose_with_hydra(overrides: list[str]):

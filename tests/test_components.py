@@ -79,7 +79,7 @@ def test_tiny_yaml_is_a_factory_call_that_builds_and_generates(tmp_path, monkeyp
 
 
 def test_training_schedule_has_sd_values_after_the_dpm_solver_round_trip(tiny):
-    expected = DDPMScheduler(**comp.SD_SCHEDULE)
+    expected = DDPMScheduler(**comp.load_noise_schedule())
     assert torch.equal(tiny.noise_scheduler.alphas_cumprod, expected.alphas_cumprod)
     assert tiny.noise_scheduler.config.prediction_type == "epsilon"
     assert tiny.noise_scheduler.config.variance_type == "fixed_small"
@@ -235,12 +235,13 @@ def test_sd15_architecture_has_the_published_parameter_counts():
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
-    latent = comp.SD15_SAMPLE_SIZE // 8
-    text = dict(comp.SD15_TEXT)
+    arch = comp.load_architecture("sd15_arch")  # conf/model/sd15_arch.yaml
+    latent = arch["sample_size"] // 8
+    text = dict(arch["text_encoder"])
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**comp.SD15_UNET, sample_size=latent)
-        inpaint_unet = UNet2DConditionModel(**comp.SD15_UNET, sample_size=latent, in_channels=9)
-        vae = AutoencoderKL(**comp.SD15_VAE, sample_size=comp.SD15_SAMPLE_SIZE)
+        unet = UNet2DConditionModel(**arch["unet"], sample_size=latent)
+        inpaint_unet = UNet2DConditionModel(**arch["unet"], sample_size=latent, in_channels=9)
+        vae = AutoencoderKL(**arch["vae"], sample_size=arch["sample_size"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     assert count(unet) == pytest.approx(859.52e6, rel=0.005)
     assert count(inpaint_unet) - count(unet) == 5 * 320 * 9

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from datamodule_helpers import CountingTokenizer, tiny_tokenizer, write_png, write_prepared
+from helpers.prepared_sets import CountingTokenizer, tiny_tokenizer, write_png, write_prepared
 from PIL import Image
 
-from mame_lightning.data.datamodule import PreparedDataModule, PreparedImageDataset, split_ids
+from mame_lightning.data.loading.datamodule import PreparedDataModule, split_ids
+from mame_lightning.data.loading.prepared_set import PreparedImageDataset
 
 SIZE = 32
 
@@ -19,11 +20,6 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("prepared"), n=24, size=SIZE)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def png(path) -> np.ndarray:
@@ -186,11 +182,11 @@ def test_hydra_partial_prepare_fn(tmp_path, tokenizer):
     from hydra.utils import instantiate
 
     config = {
-        "_target_": "mame_lightning.data.datamodule.PreparedDataModule",
+        "_target_": "mame_lightning.data.loading.datamodule.PreparedDataModule",
         "prepared_dir": str(tmp_path / "synthetic"),
         "batch_size": 2,
         "latent_cache": {"enabled": False, "dir": str(tmp_path / "cache")},
-        "prepare_fn": {"_target_": "datamodule_helpers.write_prepared", "_partial_": True,
+        "prepare_fn": {"_target_": "helpers.prepared_sets.write_prepared", "_partial_": True,
                        "root": tmp_path / "synthetic", "n": 6, "size": 16},
     }
     datamodule = instantiate(config)
@@ -275,7 +271,7 @@ def test_lightning_fit_without_validation(prepared, tokenizer):
 
 
 def test_healthy_images_join_inpainting_under_their_own_caption(prepared, tokenizer):
-    from datamodule_helpers import tiny_vae
+    from helpers.prepared_sets import tiny_vae
 
     module = PreparedDataModule(str(prepared), task="inpaint", tokenizer=tokenizer, batch_size=4, val_fraction=0.25,
                                 healthy={"prompt": "", "share": 0.5}, latent_cache={"pixels": True})

@@ -4,7 +4,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_factory import BACKGROUND, LESION, TISSUE, half_disc_phantom, write_phantom
+from helpers.dicom_factory import BACKGROUND, LESION, TISSUE, half_disc_phantom, write_phantom
 from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, tag_metadata, to_float_image, to_uint8
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
 

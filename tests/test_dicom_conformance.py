@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_validator import needs_dciodvfy, validate
+from helpers.dicom_validator import needs_dciodvfy, validate
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
-from mame_lightning.data.synthetic_plan import plan_set
-from mame_lightning.data.synthetic_set import write_synthetic_set
+from mame_lightning.data.synthetic.plan import plan_set
+from mame_lightning.data.synthetic.phantom_set import write_synthetic_set
 
 N, SEED = 24, 5
 MISSING_VOI = {"VOILUTSequence", "WindowCenter"}

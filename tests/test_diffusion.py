@@ -33,7 +33,7 @@ def gen(seed=0):
 
 @pytest.fixture(scope="module")
 def scheduler():
-    return DDPMScheduler(**comp.SD_SCHEDULE)
+    return DDPMScheduler(**comp.load_noise_schedule())
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +83,15 @@ def test_noisy_latents_follow_the_forward_process(scheduler):
 def test_diffusion_target_epsilon_and_velocity():
     latents, noise = torch.randn(4, 4, 8, 8, generator=gen(5)), torch.randn(4, 4, 8, 8, generator=gen(6))
     timesteps = torch.tensor([1, 100, 600, 999])
-    eps = DDPMScheduler(**comp.SD_SCHEDULE)
+    eps = DDPMScheduler(**comp.load_noise_schedule())
     assert torch.equal(diffusion_target(eps, latents, noise, timesteps), noise)
-    v = DDPMScheduler(**{**comp.SD_SCHEDULE, "prediction_type": "v_prediction"})
+    v = DDPMScheduler(**{**comp.load_noise_schedule(), "prediction_type": "v_prediction"})
     target = diffusion_target(v, latents, noise, timesteps)
     assert torch.equal(target, v.get_velocity(latents, noise, timesteps))
     a, s = manual_alphas(v, timesteps)
     assert torch.allclose(target, a * noise - s * latents, atol=1e-5)
     with pytest.raises(ValueError, match="sample"):
-        diffusion_target(DDPMScheduler(**{**comp.SD_SCHEDULE, "prediction_type": "sample"}), latents, noise, timesteps)
+        diffusion_target(DDPMScheduler(**{**comp.load_noise_schedule(), "prediction_type": "sample"}), latents, noise, timesteps)
 
 
 def test_min_snr_weights(scheduler):

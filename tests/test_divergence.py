@@ -7,8 +7,8 @@ import os
 import subprocess
 
 import pytest
-from module_helpers import adamw, loader, model_cache, one_thread, tiny, toy_items, trainer  # noqa: F401
-from train_helpers import prepare_small_synthetic, train_command
+from helpers.modules import adamw, loader, tiny, toy_items, trainer
+from helpers.training import prepare_small_synthetic, train_command
 
 from mame_lightning.models.text2image import Text2ImageModule
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from preparation_helpers import CONF_DIR, compose_prepare, write_dicom
+from helpers.preparation import CONF_DIR, compose_prepare, write_dicom
 
 
 def cli(tmp_path, module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -34,8 +34,8 @@ def test_train_names_a_missing_prepared_dir_without_a_traceback(tmp_path):
 
 
 def test_missing_images_are_found_before_the_model_is_built(tmp_path, monkeypatch):
-    from mame_lightning import training
-    from mame_lightning.data.preparation import prepare_dataset
+    from mame_lightning.data.prepare.preparation import prepare_dataset
+    from mame_lightning.runs import training
 
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     for i in range(3):
@@ -85,7 +85,7 @@ def test_generate_refuses_an_existing_file_as_out(tmp_path, monkeypatch):
 
 
 def test_precision_32_selects_full_precision_as_the_readme_says(tmp_path):
-    from mame_lightning.train import quote_numeric_choices
+    from mame_lightning.runs.command_line import quote_numeric_choices
 
     assert quote_numeric_choices(["train", "precision=32", "trainer.max_steps=32", "precision=32,bf16-mixed"]) == [
         "train", "precision='32'", "trainer.max_steps=32", "precision='32',bf16-mixed"]

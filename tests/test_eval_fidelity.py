@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mame_lightning.data.geometry import apply_image, plan
-from mame_lightning.data.phantoms import PhantomSpec, render_phantom
+from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
 from mame_lightning.eval.fidelity import (agreement, confusion_matrix, fidelity_report, measure_area_class,
                                           measure_image, measure_view)
 from mame_lightning.eval.plots import plot_confusion_matrix

@@ -15,13 +15,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from generation_helpers import breast_image, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
+from helpers.generation import breast_image
 from mame_lightning import evaluate
 from mame_lightning.eval.msssim import pairwise_ms_ssim, read_guidance_sweep_csv
-from mame_lightning.evaluation_inputs import (attribute_combinations, model_labels, sample_grid, spread,
-                                              sweep_prompts, sweep_scales)
 from mame_lightning.pipelines.generation import GenerationSettings, text2image
 from mame_lightning.pipelines.marking import is_marked_synthetic, save_png
+from mame_lightning.runs.evaluation.grids import sample_grid
+from mame_lightning.runs.evaluation.inputs import (attribute_combinations, model_labels, spread, sweep_prompts,
+                                                   sweep_scales)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["guidance.steps=2", "guidance.images_per_prompt=3", "device=cpu", "progress=false"]
 SIDECAR = {"task": "text2image", "templates": {"text2image": "a mammogram in {view} view with {area} area"},
@@ -133,10 +136,10 @@ def test_tensorboard_holds_msssim_against_guidance(sweep_out):
 
 
 def test_same_seeds_give_the_same_table(sweep_out, eval_dir, tmp_path):
-    from mame_lightning.evaluation import run_guidance_sweep
+    from mame_lightning.runs.evaluation import evaluate_models
 
     cfg = compose(f"model_path={eval_dir}", f"out={tmp_path}", "max_prompts=2", "warmup=false", *FAST)
-    again = run_guidance_sweep(cfg, tmp_path, scales=[4, 8])["rows"]
+    again = evaluate_models(cfg, tmp_path, ["sweep"], [4, 8])["sweep"]["rows"]
     first = read_guidance_sweep_csv(sweep_out / "sweep.csv")
     def table(rows):
         return {(r["prompt"], float(r["guidance"])): (r["ms_ssim_mean"], r["ms_ssim_std"]) for r in rows}
@@ -205,7 +208,7 @@ class PooledPixels(nn.Module):
 
 def test_fid_compares_generated_images_drawn_with_the_real_prompts(eval_dir, tmp_path):
     from mame_lightning.eval.fid import fid_kid
-    from mame_lightning.evaluation import run
+    from mame_lightning.runs.evaluation import run
 
     real = write_prepared(tmp_path / "real", 5)
     cfg = compose(f"model_path={eval_dir}", f"out={tmp_path}", "mode=fid", f"real_dir={real}", "eval.fid.n=4",

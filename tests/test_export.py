@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    PROMPTS, SIZE, adamw, loader, model_cache, one_thread, tiny, toy_items, trainer,
-)
+from helpers.modules import PROMPTS, SIZE, adamw, loader, tiny, toy_items, trainer
 from PIL import Image
 
 from mame_lightning.models.export import METADATA_FILE, export_pipeline, read_export_metadata
@@ -48,6 +46,15 @@ def test_text2image_export_loads_in_diffusers_and_generates(model_cache, tmp_pat
     assert image.size == (SIZE, SIZE)
     assert np.asarray(image).std() > 0
 
+
+
+def test_export_after_fit_writes_the_pipeline_folder(model_cache, tmp_path):
+    m = Text2ImageModule(tiny(model_cache), adamw())
+    trainer(max_steps=1).fit(m, loader(toy_items(m.components)))
+    export_pipeline(m, tmp_path / "export", templates={"text2image": "a mammogram"}, prepare_size=32)
+    assert (tmp_path / "export" / "unet").is_dir()
+    meta = read_export_metadata(tmp_path / "export")
+    assert meta["task"] == "text2image" and meta["prepare_size"] == 32
 
 def test_export_writes_the_ema_weights_and_keeps_training_weights(model_cache, tmp_path):
     m = Text2ImageModule(tiny(model_cache), adamw(), ema={"decay": 0.5})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from train_helpers import prepare_small_synthetic, run_train
+from helpers.training import prepare_small_synthetic, run_train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_fsdp_run_writes_a_full_checkpoint_that_export_turns_into_a_pipeline(tmp_path):
-    from mame_lightning.export import export_checkpoint
+    from mame_lightning.models.export import export_checkpoint
 
     root = tmp_path / "root"
     prepared = prepare_small_synthetic(root)

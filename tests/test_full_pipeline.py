@@ -11,9 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from generation_helpers import (  # noqa: F401 - fixtures
-    SIZE, breast_image, inpaint_dir, inpaint_model, models_root, one_thread, t2i_dir, t2i_model,
-)
+from helpers.generation import SIZE, breast_image
 from mame_lightning.data.tissue import tissue_mask
 from mame_lightning.pipelines.full import (
     FINDING_COLUMNS,
@@ -26,6 +24,8 @@ from mame_lightning.pipelines.full import (
 from mame_lightning.pipelines.generation import GenerationSettings, repaint_region
 from mame_lightning.pipelines.loading import model_label
 from mame_lightning.pipelines.marking import read_png_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = GenerationSettings(steps=2, seed=4, progress=False)
 

@@ -13,12 +13,14 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_validator import DCIODVFY, validate
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
+from helpers.dicom_validator import DCIODVFY, validate
 from mame_lightning import generate
 from mame_lightning.data.dicom import tag_metadata
 from mame_lightning.pipelines.inputs import input_label
 from mame_lightning.pipelines.marking import read_png_text
+from mame_lightning.runs import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["steps=2", "device=cpu", "progress=false"]
@@ -31,7 +33,7 @@ def run_cli(monkeypatch, *args: str) -> None:
 
 
 def test_overrides_hydra_would_misread_are_protected():
-    fixed = generate.protect_overrides(["box=1,2,3,4", "prompt=a mammogram, CC view: it's", "n=2", "box=[1,2,3,4]",
+    fixed = generation.protect_overrides(["box=1,2,3,4", "prompt=a mammogram, CC view: it's", "n=2", "box=[1,2,3,4]",
                                         "negative_prompt='white'", "+lesion_prompt=a, b"])
     assert fixed == ["box=[1,2,3,4]", "prompt='a mammogram, CC view: it\\'s'", "n=2", "box=[1,2,3,4]",
                      "negative_prompt='white'", "+lesion_prompt='a, b'"]

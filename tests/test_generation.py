@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation_helpers import (  # noqa: F401 - fixtures
-    ATTRIBUTES, SIZE, breast_image, inpaint_dir, inpaint_model, models_root, one_thread, sidecar, t2i_dir, t2i_model,
-    tiny_export,
-)
+from helpers.generation import ATTRIBUTES, SIZE, breast_image, sidecar, tiny_export
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, repaint_region, text2image
 from mame_lightning.pipelines.inputs import InputError, inpaint_mask, load_input_image, parse_box
 from mame_lightning.pipelines.loading import SCHEDULERS, ModelNotFoundError, detect_task, load_model
 from mame_lightning.pipelines.prompting import UnknownAttributeError, build_prompt, infer_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = dict(steps=2, progress=False)
 
@@ -103,7 +102,7 @@ def test_a_folder_written_by_the_exporter_loads_and_prompts_from_its_attributes(
 
 
 def test_checkpoint_is_exported_then_loaded(models_root, tmp_path, monkeypatch):
-    import mame_lightning.export as export
+    import mame_lightning.models.export as export
 
     ckpt = tmp_path / "last.ckpt"
     ckpt.write_bytes(b"not used")

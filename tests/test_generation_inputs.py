@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generation_helpers import inpaint_dir, inpaint_model, models_root, one_thread  # noqa: F401 - fixtures
 from mame_lightning import generate
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
 from mame_lightning.pipelines.inputs import InputError, load_input_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["steps=2", "device=cpu", "progress=false", "n=1"]
 IDENTITY = {"patient_name": "DOE^JANE", "patient_id": "MRN998877", "birth_date": "19700101",
@@ -117,7 +118,7 @@ def test_app_errors_name_the_upload_not_the_servers_temp_path(inpaint_model, tmp
     import gradio as gr
 
     from mame_lightning.app import handlers as h
-    from preparation_helpers import write_bad_inputs
+    from helpers.preparation import write_bad_inputs
 
     uploads = tmp_path / "gradio" / "3f2a9c0d"  # where the server keeps an upload
     bad = write_bad_inputs(uploads)

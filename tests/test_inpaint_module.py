@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    SIZE, adamw, collate, loader, model_cache, one_thread, same_weights, tiny, toy_items, trainer, weights,
-)
+from helpers.modules import SIZE, adamw, collate, loader, same_weights, tiny, toy_items, trainer, weights
 
 from mame_lightning.models.inpaint import InpaintModule
 from mame_lightning.models.text2image import step_generator
@@ -97,9 +95,9 @@ def test_a_batch_without_mask_is_refused(model_cache):
 
 
 def test_latent_cache_training_matches_pixel_training_with_the_datamodule(model_cache, tmp_path):
-    from datamodule_helpers import write_prepared
+    from helpers.prepared_sets import write_prepared
 
-    from mame_lightning.data.datamodule import PreparedDataModule
+    from mame_lightning.data.loading.datamodule import PreparedDataModule
 
     prepared = write_prepared(tmp_path / "prepared", n=8, size=SIZE)
     runs = []

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from datamodule_helpers import tiny_tokenizer, tiny_vae, write_png, write_prepared
+from helpers.prepared_sets import tiny_tokenizer, tiny_vae, write_png, write_prepared
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.data import DataLoader
 
-from mame_lightning.data.datamodule import PreparedDataModule, PreparedImageDataset
-from mame_lightning.data.latent_cache import (
+from mame_lightning.data.loading.datamodule import PreparedDataModule
+from mame_lightning.data.loading.prepared_set import PreparedImageDataset
+from mame_lightning.data.loading.latent_cache import (
     LatentCacheDataset,
     build_latent_cache,
     cache_key,
@@ -35,16 +36,6 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("prepared"), n=12, size=SIZE)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae(seed=0)
 
 
 def count_encodes(vae) -> list[int]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mame_lightning.training import train
-from tracker_readers import mlflow_runs, wandb_history, wandb_offline_runs
-from train_helpers import compose_train, small_prepared  # noqa: F401 - fixture
+from mame_lightning.runs.training import train
+from helpers.tracker_readers import mlflow_runs, wandb_history, wandb_offline_runs
+from helpers.training import compose_train
 
 pytestmark = pytest.mark.slow
 TWO_STEPS = ["trainer.max_steps=2", "export=false", "callbacks.checkpoint=null",

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_validator import needs_dciodvfy, validate
-from generation_helpers import breast_image, models_root, one_thread, t2i_dir, t2i_model  # noqa: F401 - fixtures
+from helpers.dicom_validator import needs_dciodvfy, validate
+from helpers.generation import breast_image
 from mame_lightning.data.secondary_capture import patient_orientation
 from mame_lightning.pipelines.generation import GenerationSettings, text2image
 from mame_lightning.pipelines.marking import (
@@ -24,6 +24,8 @@ from mame_lightning.pipelines.marking import (
     synthetic_dataset,
 )
 from mame_lightning.pipelines.outputs import INDEX_FILE, TIMINGS_FILE, save_results
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_png_chunks_round_trip_with_the_marker(tmp_path):

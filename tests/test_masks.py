@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mame_lightning.data.masks import MaskMix, mix_masks, random_boxes, random_strokes
+from mame_lightning.data.loading.masks import MaskMix, mix_masks, random_boxes, random_strokes
 
 SIZE = (64, 64)
 

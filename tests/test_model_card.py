@@ -15,8 +15,8 @@ from mame_lightning.models.model_card import (
     example_prompts,
     model_card_text,
 )
-from mame_lightning.training import train
-from train_helpers import compose_train, small_prepared  # noqa: F401 - fixture
+from mame_lightning.runs.training import train
+from helpers.training import compose_train
 
 SD15 = {"_target_": "mame_lightning.models.components.load_components", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 TINY = {"_target_": "mame_lightning.models.components.tiny_components"}
@@ -137,7 +137,7 @@ def test_a_training_exports_a_card_and_hands_the_folder_to_the_hub(no_token, sma
     assert "- `a mammogram in CC view with small area`" in card.text
 
     # `python -m mame_lightning.export ckpt=...` writes the same card from the checkpoint and the run's files
-    from mame_lightning.export import export_checkpoint
+    from mame_lightning.models.export import export_checkpoint
 
     again = ModelCard.load(export_checkpoint(tmp_path / "run/checkpoints/last.ckpt", tmp_path / "again") / "README.md")
     assert again.data.to_dict() == card.data.to_dict()

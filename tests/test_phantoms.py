@@ -7,7 +7,7 @@ import pytest
 
 from mame_lightning.data import geometry, tissue
 from mame_lightning.data.dicom import to_uint8
-from mame_lightning.data.phantoms import (AREA_CLASSES, DENSITIES, PhantomSpec, _crop_ratio,
+from mame_lightning.data.synthetic.phantoms import (AREA_CLASSES, DENSITIES, PhantomSpec, _crop_ratio,
                                           fit_shape, render_phantom)
 
 H, W = 128, 104

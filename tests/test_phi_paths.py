@@ -10,8 +10,8 @@ import sys
 
 import pydicom
 
-from mame_lightning.data.identity import hidden_path, identity_strings, read_identity, reveals_identity
-from preparation_helpers import PHI, SIZE, write_dicom
+from mame_lightning.data.prepare.identity import hidden_path, identity_strings, read_identity, reveals_identity
+from helpers.preparation import PHI, SIZE, write_dicom
 
 # Every spelling of the fixture patient's identity that a path below uses.
 FORBIDDEN = ("phiname", "secretia", PHI["patient_id"].lower(), PHI["accession"].lower(), PHI["birth_date"],

@@ -16,13 +16,10 @@ from PIL import Image
 
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
 from mame_lightning.data.geometry import apply_image, box_mask, plan
-from mame_lightning.data.preparation import prepare_dataset
+from mame_lightning.data.prepare.preparation import prepare_dataset
 from mame_lightning.data.records import Box
-from mame_lightning.data.synthetic_plan import phi_of, plan_set
-from preparation_helpers import (
-    HEIGHT, PHI, SIZE, WIDTH, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs,
-    phantom_dataset, write_dicom, write_omi, write_vindr,
-)
+from mame_lightning.data.synthetic.plan import phi_of, plan_set
+from helpers.preparation import HEIGHT, PHI, SIZE, WIDTH, add_view_modifier, all_lines, compose_prepare, read_lines, snapshot, write_bad_inputs, phantom_dataset, write_dicom, write_omi, write_vindr
 
 GOOD = {"good/cc_left.dcm": dict(view="CC", laterality="L", vendor="siemens", seed=1),
         "good/mlo_right.dcm": dict(view="MLO", laterality="R", vendor="hologic", seed=2),
@@ -356,9 +353,9 @@ def test_two_workers_give_the_same_outputs(clean_run, synthetic_raw, tmp_path):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import mame_lightning.data.prepare_item as item
-from mame_lightning.data.preparation import prepare_dataset
-from preparation_helpers import compose_prepare
+import mame_lightning.data.prepare.item as item
+from mame_lightning.data.prepare.preparation import prepare_dataset
+from helpers.preparation import compose_prepare
 write_png, written = item.write_png, []
 def write_then_die(path, image):
     write_png(path, image)

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 
 from mame_lightning.data.dicom import DicomError, read_dicom
-from mame_lightning.data.preparation import prepare_dataset
-from preparation_helpers import compose_prepare, write_dicom
+from mame_lightning.data.prepare.preparation import prepare_dataset
+from helpers.preparation import compose_prepare, write_dicom
 
 ODD_NAME = os.fsdecode(b"caf\xe9_\xff.dcm")  # Latin-1 bytes from an old PACS export: not UTF-8
 

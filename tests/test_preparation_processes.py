@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from preparation_helpers import SIZE, write_dicom
+from helpers.preparation import SIZE, write_dicom
 
 
 @pytest.mark.timeout(240)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mame_lightning.data.preparation import prepare_from_config
-from preparation_helpers import CONF_DIR, PHI, SIZE, compose_prepare, read_lines, write_bad_inputs, write_dicom
+from mame_lightning.data.prepare.preparation import prepare_from_config
+from helpers.preparation import CONF_DIR, PHI, SIZE, compose_prepare, read_lines, write_bad_inputs, write_dicom
 
 DATASETS = ("vindr", "omi_h", "fusion", "folder", "synthetic")
 
@@ -56,7 +56,7 @@ def test_cli_names_a_missing_annotation_file(tmp_path):
 def test_every_dataset_config_composes_with_the_shared_keys(tmp_path, name):
     cfg = compose_prepare(name, tmp_path / "raw", tmp_path / "out")
     dataset = cfg.dataset
-    assert dataset.name == name and dataset.source._target_.startswith("mame_lightning.data.sources")
+    assert dataset.name == name and dataset.source._target_.startswith("mame_lightning.data.prepare.sources")
     assert set(dataset.templates) == {"text2image", "inpaint"}
     assert dataset.templates.inpaint == "a mammogram with a lesion"
     assert cfg.preparation.size == SIZE  # the dataset's size drives the preparation

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from generation_helpers import inpaint_dir, models_root  # noqa: F401 - fixtures
-from preparation_helpers import write_dicom, write_omi, write_vindr
-from readme_commands import Command, fast, readme_commands, substitute_args
-from train_helpers import CONF_DIR, FAST as TRAIN_FAST, SMALL_SYNTHETIC
+from helpers.preparation import write_dicom, write_omi, write_vindr
+from helpers.readme_commands import Command, fast, readme_commands, substitute_args
+from helpers.training import CONF_DIR, FAST as TRAIN_FAST, SMALL_SYNTHETIC
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -55,12 +54,12 @@ def test_the_readme_shows_commands_of_every_entry_point():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, inpaint_dir):
     """Stand-ins for the README's placeholders: raw sets, a trained run, an inpainting export, images."""
-    from mame_lightning.data.preparation import prepare_from_config
+    from mame_lightning.data.prepare.preparation import prepare_from_config
     from mame_lightning.pipelines.generation import GenerationSettings, text2image
     from mame_lightning.pipelines.loading import load_model
     from mame_lightning.pipelines.outputs import save_results
-    from mame_lightning.training import train
-    from train_helpers import compose_train
+    from mame_lightning.runs.training import train
+    from helpers.training import compose_train
 
     from hydra import compose, initialize_config_dir
 
@@ -166,7 +165,7 @@ def check_composes(command: Command, args: list[str], world: dict, work: Path) -
 def check_app(command: Command, args: list[str], world: dict, work: Path) -> None:
     """The server comes up and answers; SIGTERM stops it cleanly and removes its temporary folder."""
     import httpx
-    from app_helpers import free_port
+    from helpers.app import free_port
 
     port = free_port()
     env = {**environment(world), "TMPDIR": str(work)}

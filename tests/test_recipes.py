@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mame_lightning.training import CPU_OVERRIDE, HardwareError, check_hardware
-from train_helpers import CONF_DIR
+from mame_lightning.runs.training import CPU_OVERRIDE, HardwareError, check_hardware
+from helpers.training import CONF_DIR
 
 REAL_DATASETS = ("vindr", "omi_h", "fusion", "folder")
 TASKS = ("text2image", "inpaint")
@@ -33,7 +33,8 @@ PAPER = [
     ("trainer.precision", "16-mixed", "3.7: mixed precision using fp16"),
     ("optimizer._target_", "bitsandbytes.optim.AdamW8bit", "3.7: the 8-bit AdamW optimizer by bitsandbytes"),
     ("optimizer.lr", 1e-6, "3.4.1: learning rates 1e-6, 1e-5, 1e-4 explored"),
-    ("task.module.lr_warmup_steps", 0, "3.4.1: constant lr schedule"),
+    ("lr_scheduler.name", "constant_with_warmup", "3.4.1: constant lr schedule"),
+    ("lr_scheduler.num_warmup_steps", 0, "3.4.1: constant lr schedule"),
     ("optimizer.weight_decay", 1e-2, "3.4.1: Adam weight decay and epsilon not changed"),
     ("optimizer.eps", 1e-8, "3.4.1: Adam weight decay and epsilon not changed"),
     ("trainer.gradient_clip_val", 1.0, "3.4.1: gradient clipping"),
@@ -168,8 +169,8 @@ def test_headline_command_without_a_gpu_fails_in_one_line_before_loading_anythin
 @pytest.fixture(scope="module")
 def vindr_prepared(tmp_path_factory):
     """A small VinDr-Mammo release (healthy and lesion images) prepared at 64 px."""
-    from mame_lightning.data.preparation import prepare_dataset
-    from preparation_helpers import compose_prepare, write_vindr
+    from mame_lightning.data.prepare.preparation import prepare_dataset
+    from helpers.preparation import compose_prepare, write_vindr
 
     root = tmp_path_factory.mktemp("recipe_vindr")
     write_vindr(root / "raw", [dict(image_id=f"h{i}", seed=i, view=("CC", "MLO")[i % 2]) for i in range(4)]
@@ -194,7 +195,7 @@ def stand_in(folder: Path, inpaint: bool) -> Path:
 def test_the_recipe_trains_a_stand_in_for_the_sd_weights_and_exports(task, vindr_prepared, tmp_path):
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    from mame_lightning.training import train
+    from mame_lightning.runs.training import train
 
     weights = stand_in(tmp_path / "sd", inpaint=task == "inpaint")
     cfg = headline(tmp_path / "run", "dataset=vindr", f"task={task}", f"model.pretrained={weights}",

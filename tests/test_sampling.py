@@ -3,7 +3,7 @@ from itertools import islice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mame_lightning.data.sampling import ResumableStreamSampler
+from mame_lightning.data.loading.sampling import ResumableStreamSampler
 
 
 def take(sampler, k):

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_helpers import (SBATCH_TEMPLATE, SLURM_JOB, TINY, check_optuna_search, export_weights, job_env,
-                             output_of, run_entry, summary_rows, template_overrides, worst_difference)
-from train_helpers import prepare_small_synthetic, run_train, train_command
+from helpers.cluster import SBATCH_TEMPLATE, SLURM_JOB, TINY, check_optuna_search, export_weights, job_env, output_of, run_entry, summary_rows, template_overrides, worst_difference
+from helpers.training import prepare_small_synthetic, run_train, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

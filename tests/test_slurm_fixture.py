@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-import slurm_cluster as cluster_lib
+from helpers import slurm_cluster as cluster_lib
 
 
 def _sleeper(marker: str) -> subprocess.Popen:

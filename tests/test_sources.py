@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 
 import mame_lightning
 from mame_lightning.data.records import Box, ImageRecord, Rejection
-from mame_lightning.data.sources import CombinedSource, SourceError, parse_flag
-from mame_lightning.data.sources.folder import FolderSource, has_dicom_marker, path_id
-from mame_lightning.data.sources.omi import NOT_HEALTHY_KIND, OmiSource
-from mame_lightning.data.sources.synthetic import MARKER, SyntheticSource, ensure_raw_set
-from mame_lightning.data.sources.vindr import VinDrSource, parse_categories, parse_density
-from omi_layout import mark, omidb_view, write_client, write_header
+from mame_lightning.data.prepare.sources import CombinedSource, SourceError, parse_flag
+from mame_lightning.data.prepare.sources.folder import FolderSource, has_dicom_marker, path_id
+from mame_lightning.data.prepare.sources.omi import NOT_HEALTHY_KIND, OmiSource
+from mame_lightning.data.prepare.sources.synthetic import MARKER, SyntheticSource, ensure_raw_set
+from mame_lightning.data.prepare.sources.vindr import VinDrSource, parse_categories, parse_density
+from helpers.omi_layout import mark, omidb_view, write_client, write_header
 
 CONF = Path(mame_lightning.__file__).parent / "conf"
 BREAST_COLUMNS = ["study_id", "series_id", "image_id", "laterality", "view_position", "height",
@@ -195,7 +195,7 @@ def test_omi_bad_client_files_are_rejections_and_the_rest_goes_on(tmp_path):
 
 
 def test_omi_header_json_stands_in_for_a_dcm_not_there_yet(tmp_path):
-    from preparation_helpers import phantom_dataset
+    from helpers.preparation import phantom_dataset
 
     write_client(tmp_path, "demd9", {"9.1": {"9.1.1": [], "9.1.2": []}}, upper=True, headers=False)
     ge, _ = phantom_dataset(vendor="other", view="MLO", laterality="R",

@@ -16,12 +16,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 
 from mame_lightning.data import geometry, tissue
 from mame_lightning.data.dicom import normalise_vendor, read_dicom, tag_metadata, to_float_image, to_uint8
-from mame_lightning.data.filters import special_protocol
-from mame_lightning.data.sources.omi import OmiSource
-from mame_lightning.data.sources.vindr import VinDrSource
-from mame_lightning.data.synthetic_plan import plan_set, spread
-from mame_lightning.data.synthetic_set import write_synthetic_set
-from omi_layout import omidb_view
+from mame_lightning.data.prepare.filters import special_protocol
+from mame_lightning.data.prepare.sources.omi import OmiSource
+from mame_lightning.data.prepare.sources.vindr import VinDrSource
+from mame_lightning.data.synthetic.plan import plan_set, spread
+from mame_lightning.data.synthetic.phantom_set import write_synthetic_set
+from helpers.omi_layout import omidb_view
 
 N, H, W = 24, 128, 104
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -284,7 +284,7 @@ def test_cli_writes_a_set_and_nothing_else(tmp_path):
 def test_cli_explicit_size_overrides_the_preset(tmp_path):
     from omegaconf import OmegaConf
 
-    from mame_lightning.synth import image_size
+    from mame_lightning.runs.synthetic_set import image_size
 
     cfg = OmegaConf.create({"preset": "full", "presets": {"full": [3328, 2560]},
                             "height": None, "width": None})

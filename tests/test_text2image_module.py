@@ -3,6 +3,7 @@ non-finite handling, accumulation, optimizers and precision, on a tiny model on 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.training_utils import compute_snr
-from module_helpers import (  # noqa: F401  (model_cache, one_thread: fixtures)
-    adamw, collate, loader, model_cache, one_thread, same_weights, tiny, toy_items, trainer, weights,
-)
+from helpers.modules import adamw, collate, loader, same_weights, tiny, toy_items, trainer, weights
 
+import mame_lightning
 from mame_lightning.models import diffusion
+from mame_lightning.models.optimization import lr_schedule
 from mame_lightning.models.text2image import Text2ImageModule, step_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -230,7 +231,8 @@ def test_gradient_accumulation_steps_once_per_accumulated_batches(model_cache):
 
 
 def test_lr_warms_up_per_optimizer_step(model_cache):
-    m = module(model_cache, optimizer=adamw(1e-3), lr_warmup_steps=4)
+    warmup = functools.partial(lr_schedule, name="constant_with_warmup", num_warmup_steps=4)
+    m = module(model_cache, optimizer=adamw(1e-3), lr_scheduler=warmup)
     fit = trainer(max_steps=2)
     fit.fit(m, loader(toy_items(m.components)))
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
@@ -333,7 +335,7 @@ def test_task_configs_build_their_modules(mame_root, task, overrides, expected):
     from hydra import compose, initialize_config_dir
 
     import mame_lightning
-    from mame_lightning.training import build_components, build_module
+    from mame_lightning.models.building import build_components, build_module
 
     conf = Path(mame_lightning.__file__).parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -344,9 +346,18 @@ def test_task_configs_build_their_modules(mame_root, task, overrides, expected):
     assert built.configure_optimizers()["lr_scheduler"]["interval"] == "step"
 
 
-def test_cosine_schedule_decays_to_zero_at_max_steps():
-    from mame_lightning.models.text2image import lr_scheduler
+def lr_scheduler(optimizer, name, warmup, max_steps):
+    """The conf/lr_scheduler group's option `name` with its warmup, for a run of max_steps."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
+    with initialize_config_dir(config_dir=str(Path(mame_lightning.__file__).parent / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"lr_scheduler={name}", f"lr_scheduler.num_warmup_steps={warmup}",
+                                          f"trainer.max_steps={max_steps}"])
+    return instantiate(cfg.lr_scheduler)(optimizer=optimizer)
+
+
+def test_cosine_schedule_decays_to_zero_at_max_steps(mame_root):
     def lrs(name, warmup):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         schedule = lr_scheduler(optimizer, name, warmup, 100)
@@ -363,5 +374,5 @@ def test_cosine_schedule_decays_to_zero_at_max_steps():
     assert set(lrs("constant", 0)) == {1.0}
     with pytest.raises(ValueError, match="max_steps"):
         lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "cosine", 0, -1)
-    with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "step", 0, 10)
+    with pytest.raises(ValueError, match="lr_scheduler.name must be one of"):
+        lr_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "step", 0, 10)

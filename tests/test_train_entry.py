@@ -15,8 +15,8 @@ from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mame_lightning.training import train
-from train_helpers import compose_train, prepare_small_synthetic, run_train, train_command
+from mame_lightning.runs.training import train
+from helpers.training import compose_train, prepare_small_synthetic, run_train, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_training_run_freezes_vae_trains_unet_and_text_encoder_and_exports(task,
     assert out.shape == (1, 64, 64, 3) and float(out.std()) > 0
 
     if task == "text2image":  # `python -m mame_lightning.export ckpt=...` rebuilds the same pipeline
-        from mame_lightning.export import export_checkpoint
+        from mame_lightning.models.export import export_checkpoint
 
         again = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "from_ckpt")
         rebuilt = StableDiffusionPipeline.from_pretrained(again, safety_checker=None)
@@ -101,6 +101,22 @@ def test_accumulation_counts_optimizer_steps(root, prepared, tmp_path):
     steps = [e.step for e in events(tmp_path / "run").Scalars("train/loss")]
     assert sorted(set(steps)) == [0, 1]
 
+
+def test_cosine_lr_schedule_with_warmup_from_the_command_line(root, prepared, tmp_path):
+    """`python -m mame_lightning.train lr_scheduler=cosine lr_scheduler.num_warmup_steps=10`: a linear
+    warmup to optimizer.lr over 10 optimizer steps, then a cosine decay towards zero at trainer.max_steps."""
+    run_dir = tmp_path / "cosine"
+    run_train(root, prepared, ["lr_scheduler=cosine", "lr_scheduler.num_warmup_steps=10", "trainer.max_steps=14",
+                               "callbacks.sample_grid=null", "callbacks.checkpoint=null", "export=false",
+                               f"hydra.run.dir={run_dir}"])
+    lr = {e.step: e.value for e in events(run_dir).Scalars("train/lr")}
+    peak = 1e-3  # optimizer.lr of the fast settings
+    assert sorted(lr) == list(range(14))
+    assert lr[0] == 0 and lr[5] == pytest.approx(peak * 5 / 10, rel=1e-5) and lr[10] == pytest.approx(peak, rel=1e-5)
+    assert lr[12] == pytest.approx(peak / 2, rel=1e-5)  # half way through the decay: cos(pi/2)
+    assert lr[10] > lr[11] > lr[12] > lr[13] > 0
+    resolved = (run_dir / "resolved_config.yaml").read_text()
+    assert "name: cosine" in resolved and "num_warmup_steps: 10" in resolved
 
 def test_missing_prepared_set_names_the_prepare_command(root, tmp_path):
     cfg = compose_train(tmp_path / "run", root, tmp_path / "nowhere",

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
 from mame_lightning.eval.report import read_csv
 from mame_lightning.utility.__main__ import main
-from utility_helpers import FAST, utility_prepared  # noqa: F401 - fixture
+from helpers.utility import FAST
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARMS = ["real", "real+synthetic", "synthetic"]
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from generation_helpers import inpaint_dir, models_root, one_thread, t2i_dir  # noqa: F401 - fixtures
-from mame_lightning.data.datamodule import read_metadata
+from mame_lightning.data.loading.prepared_set import read_metadata
 from mame_lightning.utility.checks import UtilityError
 from mame_lightning.utility.classifier import LesionClassifier, probabilities
 from mame_lightning.utility.fit import fit_classifier
@@ -19,7 +18,9 @@ from mame_lightning.utility.metrics import auroc, bootstrap_auroc_ci, sensitivit
 from mame_lightning.utility.saliency import chance_level, localisation, peak, peak_in_boxes, saliency_maps
 from mame_lightning.utility.split import real_samples, split_by_group, split_counts
 from mame_lightning.utility.synthesis import SynthesisSettings, generate_synthetic, part_jobs, synthetic_samples
-from utility_helpers import crafted_set, utility_config, utility_prepared  # noqa: F401 - fixture
+from helpers.utility import crafted_set, utility_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FRACTIONS = {"train": 0.6, "val": 0.15, "test": 0.25}
 
@@ -147,7 +148,7 @@ def test_peak_in_boxes_uses_the_pixels_the_mask_covers():
 
 
 def test_chance_level_is_box_area_over_breast_area():
-    from generation_helpers import breast_image
+    from helpers.generation import breast_image
     from mame_lightning.data.tissue import tissue_mask
 
     image = breast_image(64, seed=1)

@@ -8,43 +8,28 @@
     python -m mame_lightning.evaluate mode=reader_make real_dir=PREPARED fake_dir=GENERATED n=53 out=DIR
     python -m mame_lightning.evaluate mode=reader_score ratings=DIR/ratings.csv key=KEY out=DIR
 
-Settings and the meaning of each key: conf/evaluate.yaml. The work is done in `mame_lightning.evaluation`.
+Settings and the meaning of each key: conf/evaluate.yaml; the work: `mame_lightning.runs.evaluation`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-# An absolute folder, so the entry point also works when called in-process (tests, notebooks).
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the command line or input files: one line, no traceback."""
-    from mame_lightning.eval.reader_study import ReaderStudyError
-    from mame_lightning.evaluation_inputs import EvaluationError
-    from mame_lightning.pipelines.loading import ModelNotFoundError
-    from mame_lightning.pipelines.prompting import UnknownAttributeError
-
-    return (EvaluationError, ModelNotFoundError, UnknownAttributeError, ReaderStudyError, FileExistsError,
-            FileNotFoundError, ValueError)
+from mame_lightning import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    from mame_lightning.evaluation import run
+    from mame_lightning.runs.command_line import one_line_errors
+    from mame_lightning.runs.evaluation import USER_ERRORS, run
 
     runtime = HydraConfig.get()
     overrides = list(runtime.overrides.task) if runtime.mode == RunMode.MULTIRUN else None
-    try:
+    with one_line_errors(USER_ERRORS):
         return run(cfg, out=runtime.runtime.output_dir, multirun_overrides=overrides)
-    except user_errors() as exc:
-        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

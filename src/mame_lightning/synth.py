@@ -1,68 +1,24 @@
 """Write the synthetic raw set: ``python -m mame_lightning.synth out=DIR n=N [preset=demo]``.
 
 The set stands in for restricted mammography data: phantoms in the VinDr-Mammo and OMI-DB
-layouts, read back through the same source adapters real data goes through.
+layouts, read back through the same source adapters real data goes through. Settings:
+conf/synth.yaml; the work: `mame_lightning.runs.synthetic_set`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.table import Table
 
-from mame_lightning.data.synthetic_set import write_synthetic_set
-
-
-def image_size(cfg: DictConfig) -> tuple[int, int]:
-    """(height, width): both given explicitly, or else the preset's."""
-    if cfg.height is not None and cfg.width is not None:
-        return int(cfg.height), int(cfg.width)
-    if cfg.height is not None or cfg.width is not None:
-        raise ValueError("give both height and width, or neither (then the preset decides)")
-    if cfg.preset not in cfg.presets:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(cfg.presets)}")
-    height, width = cfg.presets[cfg.preset]
-    return int(height), int(width)
-
-
-def summary_table(summary: dict) -> Table:
-    """One row per attribute, its values with their counts."""
-    table = Table(title=f"synthetic set: {summary['n']} images in {summary['out_dir']}")
-    table.add_column("attribute")
-    table.add_column("counts")
-    for name, counts in summary["counts"].items():
-        table.add_row(name, ", ".join(f"{value}: {count}" for value, count in counts.items()))
-    return table
-
-
-def run(cfg: DictConfig) -> dict:
-    height, width = image_size(cfg)
-    summary = write_synthetic_set(cfg.out, n=int(cfg.n), height=height, width=width,
-                                  seed=int(cfg.seed), lesion_fraction=float(cfg.lesion_fraction),
-                                  calcifications=bool(cfg.calcifications),
-                                  progress=bool(cfg.progress))
-    console = Console()
-    console.print(summary_table(summary))
-    console.print(f"{summary['written']} written, {summary['reused']} unchanged, "
-                  f"{summary['removed']} stale removed; {len(summary['phi_strings'])} fake "
-                  f"identifiers inside the DICOMs; manifest: {summary['manifest']}")
-    return summary
-
-
-# An absolute folder: found the same way from `python -m`, a console command or an in-process call.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+from mame_lightning import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
 def main(cfg: DictConfig) -> None:
+    from mame_lightning.runs.synthetic_set import run
+
     run(cfg)
 
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = ["image_size", "main", "run", "summary_table"]

@@ -29,11 +29,12 @@ from mame_lightning.app.images import (
 )
 from mame_lightning.app.storage import new_request_dir, prune
 from mame_lightning.data.dicom import DicomError
+from mame_lightning.io import write_text
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
 from mame_lightning.pipelines.inputs import InputError, PreparedInput, inpaint_mask, input_label, load_input_image
 from mame_lightning.pipelines.loading import LoadedModel, ModelNotFoundError
 from mame_lightning.pipelines.marking import save_dicom, save_png
-from mame_lightning.pipelines.outputs import csv_text, save_result, write_text
+from mame_lightning.pipelines.outputs import csv_text, save_result
 from mame_lightning.pipelines.prompting import (
     ATTRIBUTE_LISTS,
     UnknownAttributeError,

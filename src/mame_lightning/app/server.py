@@ -21,12 +21,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import mame_lightning.app  # noqa: F401 - analytics off before gradio is imported
+from mame_lightning import CONF_DIR
 
 # gradio, torch and diffusers are imported where they are used, so a bad command line fails fast.
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 USER_ENV, PASSWORD_ENV = "MAME_APP_USER", "MAME_APP_PASSWORD"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -65,7 +65,7 @@ def make_example(folder: Path, size: int, seed: int = 0) -> Path:
     """A phantom mammogram (as acquired: taller than wide, left breast) for the Inpaint tab."""
     import numpy as np
 
-    from mame_lightning.data.phantoms import PhantomSpec, render_phantom
+    from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
     from mame_lightning.pipelines.marking import save_png
 
     spec = PhantomSpec(height=max(16, round(size * 1.25)), width=max(16, size), view="MLO", density="B", area="medium")
@@ -171,6 +171,11 @@ def serve(cfg: DictConfig, *, block: bool = True) -> RunningApp:
             allowed_paths=[str(root)], max_file_size=f"{int(cfg.app.max_upload_mb)}mb", inbrowser=False,
         )
         running.url = demo.local_url or f"http://{host}:{cfg.app.port}/"
+    except KeyboardInterrupt:
+        running.close()
+        if not block:
+            raise
+        return running  # Ctrl+C / SIGTERM before gradio reached its serving loop: the same clean stop
     except BaseException:
         running.close()
         raise

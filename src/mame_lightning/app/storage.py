@@ -16,6 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
+from mame_lightning.io import write_text
+
 APP_FOLDER = "mame_app"
 ROOT_MARKER = ".mame_app_outputs"
 REQUEST_MARKER = ".mame_request"
@@ -30,14 +32,14 @@ def app_root(output_dir: str | Path | None) -> tuple[Path, bool]:
     """
     if not output_dir:
         root = Path(tempfile.mkdtemp(prefix="mame_app_")).resolve()
-        (root / ROOT_MARKER).write_text(MARKER_TEXT)
+        write_text(root / ROOT_MARKER, MARKER_TEXT)
         return root, True
     root = Path(str(output_dir)).expanduser().resolve() / APP_FOLDER
     if root.is_symlink() or (root.exists() and not (root / ROOT_MARKER).is_file()):
         raise ValueError(f"app.output_dir: {root} exists and was not made by this app; the app keeps its files in "
                          f"a {APP_FOLDER}/ folder of its own, so choose another app.output_dir or remove {root}")
     root.mkdir(parents=True, exist_ok=True)
-    (root / ROOT_MARKER).write_text(MARKER_TEXT)
+    write_text(root / ROOT_MARKER, MARKER_TEXT)
     return root, False
 
 
@@ -45,7 +47,7 @@ def new_request_dir(root: Path, kind: str) -> Path:
     """A fresh, marked folder for one request's files."""
     folder = root / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True)
-    (folder / REQUEST_MARKER).write_text(MARKER_TEXT)
+    write_text(folder / REQUEST_MARKER, MARKER_TEXT)
     return folder
 
 

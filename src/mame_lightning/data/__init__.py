@@ -1,4 +1,6 @@
-"""Data layer: records, DICOM reading and writing, geometry, tissue masks, prompts, sources.
+"""Data layer, by job: `prepare/` (raw DICOM sources to a prepared set), `synthetic/` (the embedded
+phantom set), `loading/` (a prepared set feeding training). What both training and inference use sits
+here at the top: records, DICOM reading and writing, geometry, tissue masks, prompts.
 
 Submodules are imported where used, so importing this package stays cheap.
 """

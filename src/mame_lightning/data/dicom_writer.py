@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from mame_lightning.io import atomic_path
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
@@ -148,17 +148,8 @@ def save_dataset(ds: Dataset, path: str | os.PathLike, transfer_syntax: str = "e
         out.compress(uid, generate_instance_uid=False)
     else:
         out.file_meta.TransferSyntaxUID = uid
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            out.save_as(handle, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        out.save_as(tmp, enforce_file_format=True)
 
 
 def _stored_values(pixels: np.ndarray, photometric: str, bits_stored: int) -> np.ndarray:

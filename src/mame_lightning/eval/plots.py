@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 import numpy as np  # noqa: E402
 
-from mame_lightning.eval.report import atomic_write_bytes  # noqa: E402
+from mame_lightning.io import write_bytes  # noqa: E402
 
 
 def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -27,7 +27,7 @@ def save_figure(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 120) -> P
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: str | os.PathLike,

@@ -15,7 +15,6 @@ radiologist: 0.49), and values below 0.5 mean the real images were taken for syn
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -27,7 +26,8 @@ from PIL import Image
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from mame_lightning.eval.plots import plot_roc
-from mame_lightning.eval.report import atomic_write_bytes, atomic_write_json, atomic_write_text, read_csv, write_csv
+from mame_lightning.eval.report import read_csv, write_csv
+from mame_lightning.io import write_json, write_png, write_text
 
 SCALE = {0: "definitely real", 1: "probably real", 2: "not sure", 3: "probably synthetic", 4: "definitely synthetic"}
 SCORE_MIN, SCORE_MAX = min(SCALE), max(SCALE)
@@ -58,12 +58,6 @@ def _load_grey(path: str | os.PathLike, mode: str) -> Image.Image:
             image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         # A fresh image from the raw pixels carries no info dict (text, ICC, dpi) into the copy.
         return Image.fromarray(np.asarray(image.convert(mode)), mode)
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
 
 
 def _choose(paths: Sequence, count: int, rng: np.random.Generator, what: str) -> list[str]:
@@ -114,13 +108,13 @@ def make_reader_study(real_paths: Sequence, fake_paths: Sequence, out_dir: str |
     cases = {}
     for index, ((truth, source), image) in enumerate(zip(chosen, images), start=1):
         case = f"case_{index:0{width}d}"
-        atomic_write_bytes(images_dir / f"{case}.png", _png_bytes(image))
+        write_png(images_dir / f"{case}.png", image)
         cases[case] = {"truth": truth, "source": os.path.abspath(source)}
 
     write_csv(out_dir / "ratings.csv", [{"case": case, "score": None} for case in cases], ["case", "score"])
-    atomic_write_text(out_dir / "README.txt", _instructions(n))
-    atomic_write_json(key_path, {"seed": seed, "n": n, "n_real": n_real, "n_synthetic": n - n_real,
-                                 "scale": {str(k): v for k, v in SCALE.items()}, "cases": cases})
+    write_text(out_dir / "README.txt", _instructions(n))
+    write_json(key_path, {"seed": seed, "n": n, "n_real": n_real, "n_synthetic": n - n_real,
+                          "scale": {str(k): v for k, v in SCALE.items()}, "cases": cases})
     return key_path
 
 
@@ -215,5 +209,5 @@ def score_reader_study(ratings_csv: str | os.PathLike, key_path: str | os.PathLi
     out_dir = Path(out_dir)
     summary["roc_plot"] = str(plot_roc(summary["roc"]["fpr"], summary["roc"]["tpr"], auroc, out_dir / "roc.png"))
     summary["summary_path"] = str(out_dir / "reader_study.json")
-    atomic_write_json(out_dir / "reader_study.json", summary)
+    write_json(out_dir / "reader_study.json", summary)
     return summary

@@ -1,52 +1,19 @@
-"""Tables and files for evaluation results: markdown tables, atomic CSV/JSON/bytes writes.
+"""Tables for evaluation results: CSV files, markdown tables and number formatting.
 
-Every evaluation artefact is written to a temporary name in its own folder and then moved into
-place, so an interrupted run never leaves a half-written table that a later step would trust.
+Files are written through `mame_lightning.io`, so an interrupted run never leaves a half-written
+table that a later step would trust.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder (then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    """numpy scalars and arrays, Paths: the values evaluation results commonly hold."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+from mame_lightning.io import write_text
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], fieldnames: Sequence[str] | None = None) -> Path:
@@ -58,7 +25,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], fieldnames: Sequenc
     writer.writeheader()
     for row in rows:
         writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in fieldnames})
-    return atomic_write_text(path, buffer.getvalue())
+    return write_text(path, buffer.getvalue())
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_constant_schedule_with_warmup
 
+from mame_lightning.models.optimization import constant_schedule
 from mame_lightning.models.text2image import VAL_STREAM, check_master_weights, step_generator
 
 RECONSTRUCTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
@@ -28,18 +28,19 @@ class AutoencoderModule(L.LightningModule):
         optimizer: Callable | None = None,
         kl_weight: float = 1e-6,
         loss: str = "l1",
-        lr_warmup_steps: int = 0,
+        lr_scheduler: Callable | None = None,
         seed: int = 0,
     ):
         super().__init__()
         if loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"loss must be one of {sorted(RECONSTRUCTION_LOSSES)}, got {loss!r}")
-        self.save_hyperparameters(ignore=["components", "optimizer"])
+        self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler"])
         self.components = components
         self.vae = components.vae
         # The VAE is the trained part here: float32 master weights, whatever dtype it was loaded in.
         self.vae.to(torch.float32).requires_grad_(True).train()
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler or constant_schedule
 
     def setup(self, stage: str) -> None:
         check_master_weights(self)
@@ -86,7 +87,7 @@ class AutoencoderModule(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("AutoencoderModule was built without an optimizer partial (conf/optimizer)")
         optimizer = self.optimizer_factory([p for p in self.vae.parameters() if p.requires_grad])
-        scheduler = get_constant_schedule_with_warmup(optimizer, int(self.hparams.lr_warmup_steps))
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 

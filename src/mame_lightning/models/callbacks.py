@@ -1,13 +1,10 @@
-"""Training callbacks: sample grids, throughput/memory/gradient statistics, a guard against saving
-diverged weights, and the diffusers export at the end of fit."""
+"""Training callbacks: sample grids, throughput/memory/gradient statistics and a guard against saving
+diverged weights."""
 
 from __future__ import annotations
 
-import logging
-import os
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -18,12 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mame_lightning.io import write_png
 from mame_lightning.models.ema import ema_weights
-from mame_lightning.models.export import export_pipeline
 from mame_lightning.models.loggers import log_image
 from mame_lightning.models.schedulers import SCHEDULERS, make_scheduler
-
-log = logging.getLogger(__name__)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -33,20 +28,6 @@ def run_folder(trainer: L.Trainer) -> Path:
     logger = trainer.logger
     log_dir = getattr(logger, "log_dir", None) if logger is not None else None
     return Path(log_dir or trainer.default_root_dir)
-
-
-def save_png(image: np.ndarray, path: Path) -> Path:
-    """Atomic PNG write (temp name in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
@@ -143,7 +124,7 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return None
         grid = self.render(pl_module, trainer)
-        path = save_png(grid, run_folder(trainer) / "samples" / f"step_{step:06d}.png")
+        path = write_png(run_folder(trainer) / "samples" / f"step_{step:06d}.png", grid)
         for logger in trainer.loggers:
             log_image(logger, "samples", grid, step)
         return path
@@ -252,7 +233,7 @@ class TrainingStats(L.Callback):
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
 
-# -- guard and export -------------------------------------------------------------------------
+# -- guard ------------------------------------------------------------------------------------
 def nonfinite_weights(pl_module: torch.nn.Module) -> list[str]:
     """Names of trainable weights (and EMA averages) holding NaN or inf."""
     named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
@@ -280,17 +261,3 @@ class FiniteCheckpointGuard(L.Callback):
                 f"weight tensors hold NaN/inf (e.g. {', '.join(bad[:3])}). Training diverged: resume from the "
                 "last good checkpoint with a lower learning rate or precision=bf16-mixed"
             )
-
-
-class ExportOnTrainEnd(L.Callback):
-    """Rank 0 writes the diffusers folder when fit ends; `metadata` holds export_pipeline's keywords
-    (task, templates, attributes, train_config, data_counts, prepare_size)."""
-
-    def __init__(self, out_dir: str, metadata: Mapping | None = None):
-        self.out_dir = out_dir
-        self.metadata = dict(metadata or {})
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            folder = export_pipeline(pl_module, self.out_dir, **self.metadata)
-            log.info("exported diffusers pipeline to %s", folder)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,48 +26,37 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from mame_lightning.io import atomic_folder, move
 from mame_lightning.models.tokenizer import build_tokenizer
 
-# Stable Diffusion v1's training noise schedule.
-SD_SCHEDULE = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "steps_offset": 1,
-}
-# Published Stable Diffusion v1.5 architecture (text-to-image; the inpainting UNet has 9 inputs).
-SD15_UNET = {
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE = {
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "scaling_factor": 0.18215,
-}
-SD15_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-SD15_SAMPLE_SIZE = 512
+NOISE_SCHEDULES = Path(__file__).resolve().parents[1] / "conf" / "model" / "noise_schedule"
+ARCHITECTURES = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def load_noise_schedule(name: str = "sd_v1") -> dict:
+    """A training noise schedule of conf/model/noise_schedule/ (DDPMScheduler arguments)."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.load(NOISE_SCHEDULES / f"{name}.yaml")))
+
+
+def resolve_noise_schedule(noise_schedule) -> dict:
+    """A schedule given as a name of conf/model/noise_schedule/ (None: sd_v1) or as DDPMScheduler arguments."""
+    if noise_schedule is None or isinstance(noise_schedule, str):
+        return load_noise_schedule(noise_schedule or "sd_v1")
+    return dict(_plain(noise_schedule))
+
+
+def load_architecture(name: str = "sd15_arch") -> dict:
+    """The unet / vae / text_encoder / sample_size of a model YAML (e.g. SD v1.5's published sizes)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ARCHITECTURES / f"{name}.yaml")
+    return {key: OmegaConf.to_container(cfg[key]) if key != "sample_size" else int(cfg[key])
+            for key in ("unet", "vae", "text_encoder", "sample_size")}
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet may be trained to predict (models/diffusion.py)
 _VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _BUILD_FORMAT = 1  # bump when the folder layout written by build_tiny changes
 
@@ -213,6 +200,7 @@ def load_components(
     local_files_only: bool | None = None,
     vae_path: str | None = None,
     inpaint_init: str = "zero",
+    prediction_type: str | None = None,
 ) -> SDComponents:
     """Load the parts of a Stable Diffusion pipeline (hub id or folder) ready for training.
 
@@ -222,6 +210,8 @@ def load_components(
     `vae_path` swaps in another AutoencoderKL folder (e.g. one fine-tuned with task=autoencoder).
     `pretrained` is the config's name for `path` (a hub id or a diffusers folder); `path` wins.
     `inpaint_init` is how a UNet widened to `inpaint_in_channels` starts (see `widen_conv_in`).
+    `prediction_type` (epsilon | v_prediction) overrides what the scheduler config says the UNet predicts,
+    as diffusers' trainers' --prediction_type does; the export's scheduler config then says it too.
     """
     if not (path or pretrained):
         raise ValueError("load_components needs a hub id or folder (model.pretrained=...)")
@@ -230,6 +220,11 @@ def load_components(
     scheduler = _from_pretrained(DDPMScheduler, path, "scheduler", revision=revision, local_files_only=local_files_only)
     if scheduler.config.get("variance_type") is None:  # a DPM-Solver config leaves it empty
         scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
+    if prediction_type is not None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"model.prediction_type={prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)} "
+                             "(or null to keep the scheduler config's)")
+        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
     text_encoder = _from_pretrained(CLIPTextModel, path, "text_encoder", **common)
     if vae_path:
         vae = _from_pretrained(AutoencoderKL, str(vae_path), "", local_files_only=local_files_only)
@@ -271,8 +266,10 @@ def _seeded(seed: int):
 
 
 def build_models(*, words, unet: dict, vae: dict, text_encoder: dict, sample_size: int = 64, in_channels: int = 4,
-                 seed: int = 0) -> SDComponents:
-    """Randomly initialised models in memory from config dicts (the tokenizer sets the vocabulary)."""
+                 seed: int = 0, noise_schedule: str | dict | None = None) -> SDComponents:
+    """Randomly initialised models in memory from config dicts (the tokenizer sets the vocabulary);
+    `noise_schedule` is a name of conf/model/noise_schedule/ (default sd_v1) or DDPMScheduler arguments."""
+    schedule = resolve_noise_schedule(noise_schedule)
     unet, vae, text_encoder = dict(_plain(unet)), dict(_plain(vae)), dict(_plain(text_encoder))
     tokenizer = build_tokenizer(list(_plain(words)), pad_to=text_encoder.pop("vocab_size", None))
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
@@ -293,39 +290,29 @@ def build_models(*, words, unet: dict, vae: dict, text_encoder: dict, sample_siz
     )
     with _seeded(seed):
         models = (UNet2DConditionModel(**unet), AutoencoderKL(**vae), CLIPTextModel(text_config))
-    return SDComponents(*models, tokenizer, DDPMScheduler(**SD_SCHEDULE), source="random")
-
-
-def _finish_folder(tmp: Path, folder: Path) -> None:
-    """Move a finished build into place; if another process got there first, keep theirs."""
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "model_index.json").is_file():
-            raise
+    return SDComponents(*models, tokenizer, DDPMScheduler(**schedule), source="random")
 
 
 def build_tiny(folder, *, words, unet: dict, vae: dict, text_encoder: dict, sample_size: int = 64,
-               in_channels: int = 4, seed: int = 0, variant: str | None = None) -> str:
+               in_channels: int = 4, seed: int = 0, variant: str | None = None,
+               noise_schedule: dict | None = None) -> str:
     """Build random models from the configs and save them as a diffusers pipeline folder.
 
     With `variant` (e.g. "fp16") the weights are also saved as that variant, in its dtype.
     Written into a temporary sibling folder and renamed, so a folder that exists is complete.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     parts = build_models(words=words, unet=unet, vae=vae, text_encoder=text_encoder, sample_size=sample_size,
+                         noise_schedule=noise_schedule,
                          in_channels=in_channels, seed=seed)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    # if another process finished the same build first, its folder is kept
+    with atomic_folder(folder, keep_existing=True) as tmp:
         pipeline = parts.pipeline()
         pipeline.save_pretrained(str(tmp))
         if variant:
             _add_variant(pipeline, tmp, variant)
-        _finish_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: exists but holds no diffusers pipeline (model_index.json); remove it")
     return str(folder)
 
 
@@ -338,7 +325,7 @@ def _add_variant(pipeline, folder: Path, variant: str) -> None:
     with tempfile.TemporaryDirectory(dir=folder) as side:
         pipeline.to(_VARIANT_DTYPES.get(variant, torch.float32)).save_pretrained(side, variant=variant)
         for weights in Path(side).glob(f"*/*.{variant}.*"):
-            os.replace(weights, folder / weights.parent.name / weights.name)
+            move(weights, folder / weights.parent.name / weights.name)
     pipeline.to(torch.float32)
 
 
@@ -350,10 +337,11 @@ def _config_hash(**config: Any) -> str:
 def tiny_components(cache_dir, *, words, unet: dict, vae: dict, text_encoder: dict, sample_size: int = 64,
                     seed: int = 0, inpaint: bool = False, variant: str | None = None,
                     frozen_dtype: str | None = None, train_text_encoder: bool = True,
-                    vae_path: str | None = None) -> SDComponents:
+                    vae_path: str | None = None, noise_schedule: dict | None = None) -> SDComponents:
     """A small random Stable Diffusion, built once per config under cache_dir, loaded like SD v1.5."""
     build = {"words": words, "unet": unet, "vae": vae, "text_encoder": text_encoder, "sample_size": sample_size,
-             "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant}
+             "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant,
+             "noise_schedule": resolve_noise_schedule(noise_schedule)}
     return _cached_components(cache_dir, "tiny", build, frozen_dtype, train_text_encoder, vae_path)
 
 
@@ -368,13 +356,21 @@ def _cached_components(cache_dir, prefix: str, build: dict, frozen_dtype, train_
 
 def build_sd15_arch(folder, inpaint: bool = False, *, words, seed: int = 0, variant: str | None = None) -> str:
     """The Stable Diffusion v1.5 architecture at full size with random weights (~4 GB in float32)."""
-    return build_tiny(folder, words=words, unet=SD15_UNET, vae=SD15_VAE, text_encoder=SD15_TEXT,
-                      sample_size=SD15_SAMPLE_SIZE, in_channels=9 if inpaint else 4, seed=seed, variant=variant)
+    return build_tiny(folder, words=words, **load_architecture("sd15_arch"), in_channels=9 if inpaint else 4,
+                      seed=seed, variant=variant)
 
 
-def sd15_arch_components(cache_dir, inpaint: bool = False, *, words, seed: int = 0, variant: str | None = None,
-                         frozen_dtype: str | None = None, train_text_encoder: bool = True) -> SDComponents:
-    """Full-size SD v1.5 with random weights, for memory and speed checks without downloading it."""
-    build = {"words": words, "unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT,
-             "sample_size": SD15_SAMPLE_SIZE, "in_channels": 9 if inpaint else 4, "seed": seed, "variant": variant}
+def sd15_arch_components(cache_dir, inpaint: bool = False, *, words, unet: dict | None = None, vae: dict | None = None,
+                         text_encoder: dict | None = None, sample_size: int | None = None, seed: int = 0,
+                         variant: str | None = None, frozen_dtype: str | None = None, train_text_encoder: bool = True,
+                         noise_schedule: dict | None = None) -> SDComponents:
+    """Full-size SD v1.5 with random weights, for memory and speed checks without downloading it; the
+    architecture comes from conf/model/sd15_arch.yaml unless given."""
+    published = load_architecture("sd15_arch")
+    build = {"words": words, "unet": _plain(unet) if unet else published["unet"],
+             "vae": _plain(vae) if vae else published["vae"],
+             "text_encoder": _plain(text_encoder) if text_encoder else published["text_encoder"],
+             "sample_size": int(sample_size or published["sample_size"]), "in_channels": 9 if inpaint else 4,
+             "seed": seed, "variant": variant,
+             "noise_schedule": resolve_noise_schedule(noise_schedule)}
     return _cached_components(cache_dir, "sd15-arch", build, frozen_dtype, train_text_encoder)

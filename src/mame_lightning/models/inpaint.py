@@ -3,7 +3,7 @@
 The UNet input is (noisy latents, mask at latent size, masked-image latents) concatenated in the
 order `StableDiffusionInpaintPipeline` feeds at inference, so trained weights work there unchanged.
 Masks are the lesion boxes of the prepared set, optionally mixed with random boxes and strokes
-(`masks`, see `data/masks.py`); a random mask is drawn from the step's generator and its masked
+(`masks`, see `data/loading/masks.py`); a random mask is drawn from the step's generator and its masked
 image is encoded by the VAE on the fly, exactly as the pipeline encodes it at inference.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mame_lightning.data.masks import MaskMix, mix_masks
+from mame_lightning.data.loading.masks import MaskMix, mix_masks
 from mame_lightning.models import diffusion
 from mame_lightning.models.text2image import Text2ImageModule
 
@@ -48,12 +48,15 @@ class InpaintModule(Text2ImageModule):
         parameters = super().optimizer_parameters()
         if scale == 1.0 or not self.hparams.train_unet:
             return parameters
-        special = {id(p) for p in self.unet.conv_in.parameters()}
+        conv_in = [p for p in self.unet.conv_in.parameters() if p.requires_grad]  # none under LoRA
+        if not conv_in:
+            return parameters
+        special = {id(p) for p in conv_in}
         rest = [p for p in parameters if id(p) not in special]
         lr = self.optimizer_factory.keywords.get("lr") if hasattr(self.optimizer_factory, "keywords") else None
         if lr is None:
             raise ValueError("conv_in_lr_scale needs the optimizer's lr (a partial with lr=..., as conf/optimizer gives)")
-        return [{"params": rest}, {"params": list(self.unet.conv_in.parameters()), "lr": float(lr) * scale}]
+        return [{"params": rest}, {"params": conv_in, "lr": float(lr) * scale}]
 
     def training_masks(self, batch: Mapping, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
         """The batch's lesion masks, or the mix's random shapes in their place; and whether any was drawn.

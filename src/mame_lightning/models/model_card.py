@@ -14,10 +14,13 @@ from pathlib import Path
 
 from mame_lightning import __version__
 from mame_lightning.data.prompts import render_prompt, template_fields
+from mame_lightning.io import write_text
 
 CARD_FILE = "README.md"
 SD15_LICENSE = "creativeml-openrail-m"  # the Stable Diffusion v1.5 weights' licence binds derived weights
 OWN_LICENSE = "apache-2.0"  # weights trained from scratch by this project's code
+# Hub ids (by prefix) whose weights carry another licence than SD v1.5's
+BASE_LICENSES = {"stabilityai/stable-diffusion-2": "openrail++"}
 PIPELINE_TAGS = {"text2image": "text-to-image", "inpaint": "image-to-image", "autoencoder": "image-to-image"}
 BASE_TAGS = ["diffusers", "stable-diffusion", "stable-diffusion-diffusers", "mammography", "medical-imaging",
              "synthetic-data", "mame_lightning"]
@@ -41,6 +44,9 @@ def base_model_of(train_config: Mapping) -> str | None:
 
 def default_license(train_config: Mapping, base_model: str | None) -> str:
     model_target = str((train_config.get("model") or {}).get("_target_", ""))
+    for prefix, licence in BASE_LICENSES.items():
+        if base_model and base_model.startswith(prefix):
+            return licence
     return SD15_LICENSE if base_model or model_target.endswith("load_components") else OWN_LICENSE
 
 
@@ -77,7 +83,7 @@ def card_metadata(metadata: Mapping, *, license: str | None = None, base_model: 
         "license": license or default_license(train_config, base),
         "library_name": "diffusers",
         "pipeline_tag": PIPELINE_TAGS.get(task, "text-to-image"),
-        "tags": BASE_TAGS + TASK_TAGS.get(task, []),
+        "tags": BASE_TAGS + TASK_TAGS.get(task, []) + (["lora"] if metadata.get("lora") else []),
     }
     if base:
         data["base_model"] = base
@@ -109,6 +115,7 @@ def _recipe(metadata: Mapping) -> list[str]:
         ("optimizer", str(optimizer.get("_target_", "")).rsplit(".", 1)[-1] or None),
         ("precision", precision.get("lightning")),
         ("EMA weights", "yes" if metadata.get("ema_weights") else "no"),
+        ("LoRA", _lora_row(metadata.get("lora"))),
         ("seed", cfg.get("seed")),
     ]
     lines = ["## Training recipe", "", *_table(("setting", "value"), rows)]
@@ -121,6 +128,14 @@ def _recipe(metadata: Mapping) -> list[str]:
             if values:
                 lines.append(f"| {name} | " + ", ".join(f"{v}: {n}" for v, n in values.items()) + " |")
     return lines
+
+
+def _lora_row(lora: Mapping | None) -> str | None:
+    if not lora:
+        return None
+    parts = " and ".join(part.replace("_", " ") for part in ("unet", "text_encoder") if lora.get(part))
+    how = "merged into the weights" if lora.get("merged") else f"adapters in `{lora.get('weights')}`"
+    return f"rank {lora.get('rank')}, alpha {lora.get('alpha'):g} on the {parts}; {how}"
 
 
 def _prompts(metadata: Mapping) -> list[str]:
@@ -160,6 +175,8 @@ def _usage(metadata: Mapping) -> list[str]:
         "## How to use", "",
         "```python", f"from diffusers import {pipeline}", "",
         f'pipe = {pipeline}.from_pretrained("THIS_FOLDER_OR_REPO", safety_checker=None)',
+        *(['pipe.load_lora_weights("THIS_FOLDER_OR_REPO")  # the LoRA adapters over the base pipeline']
+          if (metadata.get("lora") or {}).get("weights") else []),
         f"image = {call}", "```", "",
         "or `python -m mame_lightning.generate model_path=THIS_FOLDER prompt=\"...\" n=8 out=DIR`, which marks "
         "every image as described below.",
@@ -216,9 +233,7 @@ def model_card_text(metadata: Mapping, *, metrics: Mapping | None = None, licens
 
 
 def write_model_card(folder: Path, metadata: Mapping, **options) -> Path:
-    path = Path(folder) / CARD_FILE
-    path.write_text(model_card_text(metadata, **options), encoding="utf-8")
-    return path
+    return write_text(Path(folder) / CARD_FILE, model_card_text(metadata, **options))
 
 
 __all__ = ["CARD_FILE", "base_model_of", "card_metadata", "example_prompts", "effective_batch", "model_card_text",

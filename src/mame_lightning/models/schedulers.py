@@ -1,22 +1,24 @@
-"""Inference schedulers by name: one table for training sample grids, generation, evaluation and the app."""
+"""Inference schedulers by name: one table (conf/schedulers.yaml) for training sample grids,
+generation, evaluation and the app."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+TABLE = Path(__file__).resolve().parents[1] / "conf" / "schedulers.yaml"
 DEFAULT_SCHEDULER = "dpmsolver++"
 
-# name -> (diffusers scheduler class name, extra from_config arguments)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
+
+def read_table(path: Path = TABLE) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (diffusers scheduler class name, extra from_config arguments)."""
+    table = OmegaConf.to_container(OmegaConf.load(path))
+    return {str(name): (entry["class"], dict(entry.get("kwargs") or {})) for name, entry in table.items()}
+
+
+SCHEDULERS = read_table()
 
 
 def make_scheduler(name: str, config: dict):
@@ -30,4 +32,4 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, class_name).from_config(config, **extra)
 
 
-__all__ = ["DEFAULT_SCHEDULER", "SCHEDULERS", "make_scheduler"]
+__all__ = ["DEFAULT_SCHEDULER", "SCHEDULERS", "make_scheduler", "read_table"]

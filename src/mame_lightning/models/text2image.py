@@ -15,17 +15,19 @@ import lightning as L
 import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.optimization import get_constant_schedule_with_warmup, get_scheduler
 
 from mame_lightning.models import diffusion
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
+from mame_lightning.models.lora import (CHECKPOINT_KEY, adapter_state, add_lora, check_adapter_state,
+                                        check_checkpoint_kind)
+from mame_lightning.models.optimization import constant_schedule
 
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "default")
 NONFINITE_POLICIES = ("stop", "skip")
 NONFINITE_HINT = (
-    "likely causes: a learning rate too high (lower optimizer.lr or add lr_warmup_steps), "
+    "likely causes: a learning rate too high (lower optimizer.lr or add lr_scheduler.num_warmup_steps=N), "
     "fp16 overflow (try precision=bf16-mixed), or bad data (NaN/inf pixels or cached latents)"
 )
 # A skipped step is for a rare bad batch; this many in a row, or more than max_skipped_fraction of
@@ -82,7 +84,8 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
 
 
 class Text2ImageModule(L.LightningModule):
-    """Fine-tunes the UNet (and optionally the text encoder) on prompt-image pairs."""
+    """Fine-tunes the UNet (and optionally the text encoder) on prompt-image pairs; with `lora` (the lora
+    config group: rank, alpha, dropout, target modules per part) only adapters on them train."""
 
     task = "text2image"
 
@@ -90,8 +93,7 @@ class Text2ImageModule(L.LightningModule):
         self,
         components,
         optimizer: Callable | None = None,
-        lr_warmup_steps: int = 0,
-        lr_schedule: str = "constant",
+        lr_scheduler: Callable | None = None,
         train_unet: bool = True,
         train_text_encoder: bool = True,
         snr_gamma: float | None = None,
@@ -105,6 +107,7 @@ class Text2ImageModule(L.LightningModule):
         max_skipped_fraction: float = 0.05,
         max_consecutive_skipped: int = 10,
         seed: int = 0,
+        lora: Mapping | None = None,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -114,12 +117,10 @@ class Text2ImageModule(L.LightningModule):
                              f"{max_skipped_fraction} and {max_consecutive_skipped}")
         if not (train_unet or train_text_encoder):
             raise ValueError("nothing to train: set train_unet or train_text_encoder to true")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
-        ema = plain_options(ema)  # plain types in the checkpoint: it loads with weights_only=True
-        self.save_hyperparameters(ignore=["components", "optimizer"])
+        ema, lora = plain_options(ema), plain_options(lora)  # plain types: checkpoints load with weights_only=True
+        self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler"])
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -127,12 +128,19 @@ class Text2ImageModule(L.LightningModule):
         self.tokenizer = components.tokenizer
         self.noise_scheduler = components.noise_scheduler
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler or constant_schedule
         self.check_unet_channels()
+        self.lora = add_lora(components, lora)
+        if self.lora is not None:  # the adapters decide what trains
+            if ema:
+                raise ValueError("task.module.ema does not apply to LoRA training (lora=none to keep an average)")
+            self.hparams.train_unet = "unet" in self.lora.parts
+            self.hparams.train_text_encoder = "text_encoder" in self.lora.parts
         self.freeze_frozen_parts()
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
         set_attention_backend(self.unet, attention_backend)
-        self.ema = build_ema(self.unet, ema) if train_unet else None
+        self.ema = build_ema(self.unet, ema) if self.hparams.train_unet else None
         self.skipped_steps = 0  # micro-batches skipped for a non-finite loss (nonfinite=skip)
         self.attempted_steps = 0  # micro-batches trained on or skipped
         self.consecutive_skipped = 0
@@ -166,7 +174,8 @@ class Text2ImageModule(L.LightningModule):
             module.requires_grad_(False)
             module.eval()
         for module in self.trainable_modules():
-            module.requires_grad_(True)
+            if self.lora is None:  # LoRA: add_lora left only the adapters trainable
+                module.requires_grad_(True)
             module.train()  # from_pretrained returns eval-mode models; Lightning keeps modes as found
 
     def train(self, mode: bool = True):
@@ -328,8 +337,7 @@ class Text2ImageModule(L.LightningModule):
                 "taking the parameters>, e.g. hydra's conf/optimizer with _partial_: true"
             )
         optimizer = self.optimizer_factory(self.optimizer_parameters())
-        scheduler = lr_scheduler(optimizer, self.hparams.get("lr_schedule", "constant"),
-                                 int(self.hparams.lr_warmup_steps), self._trainer.max_steps if self._trainer else -1)
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)  # stepped per optimizer step
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # -- EMA and checkpoints ----------------------------------------------------------------
@@ -353,8 +361,19 @@ class Text2ImageModule(L.LightningModule):
         checkpoint["consecutive_skipped"] = self.consecutive_skipped
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.lora is not None:  # the adapters and their optimiser state only: the base is rebuilt from the config
+            checkpoint["state_dict"] = adapter_state(self, checkpoint["state_dict"])
+            checkpoint[CHECKPOINT_KEY] = self.lora.summary()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A LoRA run's checkpoint holds only the adapters: checked against this run's, the base is kept."""
+        if self.lora is not None:
+            check_adapter_state(self, state_dict)
+            strict = False
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_kind(checkpoint, self.lora)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self.attempted_steps = int(checkpoint.get("attempted_steps", checkpoint.get("global_step", 0)))
         self.consecutive_skipped = int(checkpoint.get("consecutive_skipped", 0))
@@ -362,23 +381,6 @@ class Text2ImageModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
         elif self.ema is not None:
             log.warning("checkpoint has no EMA state: the average starts from this module's weights")
-
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int):
-    """Warmup, then constant (the default), or a cosine / linear decay to zero at max_steps.
-
-    A decay lets a short run settle instead of ending at full step size (the demo's recipes use it).
-    """
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
-    if name == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    if max_steps is None or max_steps <= 0:
-        raise ValueError(f"lr_schedule={name} decays to zero at trainer.max_steps; set trainer.max_steps (> 0)")
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=int(max_steps))
 
 
 def check_master_weights(module: torch.nn.Module) -> None:

@@ -17,6 +17,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from mame_lightning.io import write_text
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -105,20 +107,13 @@ def clip_vocab(words: list[str], pad_to: int | None = None) -> tuple[dict[str, i
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_tokenizer_files(folder: str | os.PathLike, words: list[str], pad_to: int | None = None) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json that `CLIPTokenizer` loads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab(words, pad_to)
-    _write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,
@@ -128,7 +123,7 @@ def write_tokenizer_files(folder: str | os.PathLike, words: list[str], pad_to: i
         "pad_token": EOS,  # Stable Diffusion v1 pads with the end token
         "do_lower_case": True,
     }
-    _write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
+    write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
     return folder
 
 

@@ -18,11 +18,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mame_lightning.data.records import Box
+from mame_lightning.io import write_text
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
 from mame_lightning.pipelines.inputs import parse_box
 from mame_lightning.pipelines.loading import LoadedModel
 from mame_lightning.pipelines.marking import save_dicom, save_png
-from mame_lightning.pipelines.outputs import csv_text, write_index, write_text, write_timings
+from mame_lightning.pipelines.outputs import csv_text, write_index, write_timings
 
 FINDINGS_FILE = "finding_annotations.csv"
 FINDING_COLUMNS = ["image_id", "study_id", "series_id", "laterality", "view_position", "height", "width",

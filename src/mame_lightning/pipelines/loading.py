@@ -1,9 +1,10 @@
 """Load a trained model for generation: an exported diffusers folder or a training checkpoint.
 
 The exported folder is the one contract between training and generation (docs/architecture.md,
-"Exported model folder"); a `.ckpt` is exported to a temporary folder first, so both paths load
-through the same `from_pretrained` code. The sidecar `mame_lightning.json` tells the task, the
-prompt templates and the attribute values the model was trained on.
+"Exported model folder"); a `.ckpt` is exported to a temporary folder first (`models.export`), so
+both paths load through the same `from_pretrained` code. The sidecar `mame_lightning.json` tells the task, the
+prompt templates and the attribute values the model was trained on. The export of a LoRA run holds the base
+pipeline plus `pytorch_lora_weights.safetensors`, loaded on top with diffusers' `load_lora_weights`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 
 import torch
 
+from mame_lightning.models.export import METADATA_FILE, read_export_metadata
+from mame_lightning.models.lora import has_lora_weights
 from mame_lightning.models.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "mame_lightning.json"
 TASKS = ("text2image", "inpaint")
 INPAINT_IN_CHANNELS = 9
 DTYPES = {
@@ -112,13 +114,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def read_metadata(folder: str | Path) -> dict:
     """The folder's `mame_lightning.json`, or {} when the folder came from elsewhere."""
-    path = Path(folder) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    return read_export_metadata(folder, missing_ok=True)
 
 
 def detect_task(folder: str | Path, metadata: dict) -> str:
@@ -149,9 +145,16 @@ def _dtype_argument(dtype: torch.dtype) -> dict:
     return {"dtype" if (major, minor) >= (0, 42) else "torch_dtype": dtype}
 
 
+def with_lora_weights(pipe, folder: str | Path):
+    """The pipeline with the folder's LoRA adapters loaded (a LoRA run's unmerged export), else as it is."""
+    if has_lora_weights(folder):
+        pipe.load_lora_weights(str(folder))
+    return pipe
+
+
 def load_folder(folder: str | Path, *, device: str | None = "auto", dtype: str | None = "auto",
                 scheduler: str = DEFAULT_SCHEDULER, label: str | None = None) -> LoadedModel:
-    """Load an exported pipeline folder onto `device` with the named scheduler."""
+    """Load an exported pipeline folder (and its LoRA adapters, if any) onto `device` with a named scheduler."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         if folder.is_dir():
@@ -164,7 +167,7 @@ def load_folder(folder: str | Path, *, device: str | None = "auto", dtype: str |
     pipe = pipeline_class(task).from_pretrained(
         folder, **_dtype_argument(torch_dtype), safety_checker=None, requires_safety_checker=False
     )
-    pipe = pipe.to(target)
+    pipe = with_lora_weights(pipe, folder).to(target)
     pipe.set_progress_bar_config(disable=True)
     model = LoadedModel(pipe=pipe, task=task, path=label or str(folder), metadata=metadata,
                         base_scheduler_config=dict(pipe.scheduler.config))
@@ -181,7 +184,7 @@ def load_model(path: str | Path | None, *, device: str | None = "auto", dtype: s
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise ModelNotFoundError(missing_model_message(path, "checkpoint"))
-        from mame_lightning.export import export_checkpoint
+        from mame_lightning.models.export import export_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="mame_export_") as tmp:
             log.info("exporting %s to a temporary pipeline folder", path)
@@ -193,4 +196,5 @@ def load_model(path: str | Path | None, *, device: str | None = "auto", dtype: s
 __all__ = [
     "LoadedModel", "ModelNotFoundError", "SCHEDULERS", "DEFAULT_SCHEDULER", "load_model", "load_folder", "model_label",
     "make_scheduler", "read_metadata", "detect_task", "resolve_device", "resolve_dtype", "missing_model_message",
+    "with_lora_weights",
 ]

@@ -9,15 +9,14 @@ DerivationDescription and ImageComments that it is a synthetic image and from wh
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from mame_lightning import __version__
+from mame_lightning.io import write_png
 
 SYNTHETIC_KEY = "synthetic"
 SYNTHETIC_NAME = "SYNTHETIC"  # PatientID of every synthetic DICOM
@@ -32,27 +31,10 @@ def png_text(params: Mapping) -> dict[str, str]:
     return text
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def save_png(image: np.ndarray, path: str | os.PathLike, params: Mapping | None = None) -> Path:
     """Write an 8-bit grayscale PNG with the marking text chunks, atomically."""
-    path = Path(path)
-    info = PngInfo()
-    for key, value in png_text(params or {}).items():
-        info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    # iTXt chunks: UTF-8, so any prompt survives
+    return write_png(path, np.asarray(image, dtype=np.uint8), text=png_text(params or {}))
 
 
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:

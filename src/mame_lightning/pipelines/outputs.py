@@ -10,10 +10,10 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from mame_lightning.io import write_text
 from mame_lightning.pipelines.generation import Generated
 from mame_lightning.pipelines.marking import save_dicom, save_png
 
@@ -21,21 +21,6 @@ INDEX_FILE = "images.csv"
 TIMINGS_FILE = "timings.json"
 INDEX_COLUMNS = ["file", "prompt", "seed", "guidance", "steps", "seconds", "negative_prompt", "scheduler", "task",
                  "model", "dicom_file"]
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Atomic text write (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def csv_text(rows: Iterable[Mapping], columns: list[str]) -> str:
@@ -92,4 +77,4 @@ def save_results(results: list[Generated], out: str | os.PathLike, *, dicom: boo
 
 
 __all__ = ["INDEX_FILE", "TIMINGS_FILE", "INDEX_COLUMNS", "save_result", "save_results", "write_index",
-           "write_timings", "write_text", "csv_text", "image_name"]
+           "write_timings", "csv_text", "image_name"]

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mame_lightning.data.datamodule import load_gray
-from mame_lightning.data.sampling import ResumableStreamSampler
+from mame_lightning.data.loading.prepared_set import load_gray
+from mame_lightning.data.loading.sampling import ResumableStreamSampler
 from mame_lightning.utility.split import Sample
 
 

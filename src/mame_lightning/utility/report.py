@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mame_lightning.eval.plots import plt, save_figure
-from mame_lightning.eval.report import atomic_write_json, atomic_write_text, format_mean_std, markdown_table
+from mame_lightning.eval.report import format_mean_std, markdown_table
+from mame_lightning.io import write_json, write_text
 
 
 def mean_std(values) -> tuple[float | None, float | None]:
@@ -129,6 +130,6 @@ def write_report(result: dict, out) -> dict:
     out = Path(out)
     paths = {"json": str(out / "utility.json"), "markdown": str(out / "utility.md")}
     result = {**result, "files": {**result.get("files", {}), **paths}}
-    atomic_write_text(out / "utility.md", markdown(result))
-    atomic_write_json(out / "utility.json", result)
+    write_text(out / "utility.md", markdown(result))
+    write_json(out / "utility.json", result)
     return result

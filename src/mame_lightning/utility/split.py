@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from mame_lightning.data.datamodule import read_metadata, task_folder
+from mame_lightning.data.loading.prepared_set import read_metadata, task_folder
 from mame_lightning.utility.checks import UtilityError
 
 LESION, HEALTHY = 1, 0

@@ -65,7 +65,7 @@ def ensure_prepared(cfg: DictConfig) -> Path:
         return prepared
     dataset = cfg.get("dataset")
     if dataset is not None and dataset.get("prepare_on_first_use") and Path(str(dataset.prepared_dir)) == prepared:
-        from mame_lightning.data.preparation import prepare_from_config
+        from mame_lightning.data.prepare.preparation import prepare_from_config
 
         prepare_from_config(OmegaConf.create({"dataset": OmegaConf.to_container(dataset, resolve=True)}))
         return prepared

@@ -18,7 +18,8 @@ import numpy as np
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mame_lightning.eval.report import atomic_write_json, read_csv
+from mame_lightning.eval.report import read_csv
+from mame_lightning.io import write_json
 from mame_lightning.pipelines.full import FINDINGS_FILE, run_full
 from mame_lightning.pipelines.generation import GenerationSettings, inpaint, text2image
 from mame_lightning.pipelines.loading import load_model
@@ -46,7 +47,7 @@ class SynthesisSettings:
 def prompt_plan(metadata: dict, n: int) -> list[tuple[str, int]]:
     """(prompt, number of pairs) per attribute combination of the model, n spread evenly over them
     (fewer pairs than combinations: combinations evenly spaced over the list)."""
-    from mame_lightning.evaluation_inputs import attribute_combinations
+    from mame_lightning.runs.evaluation.inputs import attribute_combinations
 
     prompts = [build_prompt(metadata, attributes=combo) for combo in attribute_combinations(metadata, limit=n)]
     prompts = list(dict.fromkeys(prompts)) or [build_prompt(metadata)]
@@ -116,7 +117,7 @@ def generate_synthetic(t2i_path, inpaint_path, n: int, settings: SynthesisSettin
     seconds = time.perf_counter() - started
     manifest = {"fingerprint": wanted, "n": n, "lesion_prompt": lesion_prompt, "parts": parts,
                 "seconds": round(seconds, 2), "seconds_per_pair": round(seconds / max(n, 1), 3)}
-    atomic_write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return {**manifest, "reused": False}
 
 
