@@ -237,7 +237,7 @@ def prepare_dataset(cfg: DictConfig) -> dict:
     return write_prepared_set(out_dir, outcomes, config, run, time.monotonic() - started, orders)
 
 
-PREPARE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "prepare.yaml"
+PREPARE_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "prepare.yaml"
 
 
 def with_preparation_defaults(cfg: DictConfig) -> DictConfig:
