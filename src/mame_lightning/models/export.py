@@ -95,7 +95,8 @@ def export_pipeline(
     folder = Path(folder)
     check_export_target(folder)
     with atomic_folder(folder) as tmp:
-        parts = (components.unet, components.vae, components.text_encoder)
+        parts = [p for p in (components.unet, getattr(components, "vae", None), getattr(components, "text_encoder", None))
+                 if p is not None]  # an unconditional pixel model has the UNet alone
         with torch.no_grad(), ema_weights(ema, components.unet), float32_weights(*parts):
             components.save_pretrained(tmp)
         write_text(tmp / METADATA_FILE, text, fsync=False)  # the folder is flushed as a whole

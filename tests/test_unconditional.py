@@ -1,0 +1,94 @@
+"""Unconditional pixel-space DDPM (task=unconditional model=ddpm_pixel): the module trains, and the
+export is a folder that stock diffusers `DDPMPipeline.from_pretrained` loads and samples."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers.modules import trainer
+from helpers.training import run_train
+from omegaconf import OmegaConf
+
+from mame_lightning import CONF_DIR
+from mame_lightning.data.loading.prepared_set import tokenize_prompts
+from mame_lightning.models.unconditional import NoPrompt, UnconditionalModule, pixel_components
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def components(size: int = 32):
+    model = OmegaConf.load(Path(CONF_DIR) / "model" / "ddpm_pixel.yaml")
+    schedule = OmegaConf.load(Path(CONF_DIR) / "model" / "noise_schedule" / "ddpm.yaml")
+    return pixel_components(unet=model.unet, noise_schedule=schedule, sample_size=size, in_channels=1, seed=0)
+
+
+def batches(n: int = 4, size: int = 32):
+    """Bright half discs on black, as the prepared-set reader gives them (grey repeated into 3 channels)."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    items = []
+    for i in range(n):
+        disc = ((xs / (0.5 + 0.1 * i)) ** 2 + (ys - size / 2) ** 2 < (0.4 * size) ** 2).astype(np.float32)
+        pixels = torch.from_numpy(disc * 1.6 - 0.8).unsqueeze(0).repeat(3, 1, 1)
+        items.append({"pixel_values": pixels, "input_ids": torch.zeros(1, dtype=torch.long)})
+    return torch.utils.data.DataLoader(items, batch_size=2)
+
+
+def test_ddpm_pixel_components_are_one_channel_under_the_ddpm_schedule():
+    parts = components(32)
+    assert isinstance(parts.unet, UNet2DModel) and parts.unet.config.in_channels == 1
+    assert parts.unet.config.out_channels == 1 and parts.unet.config.sample_size == 32
+    assert parts.noise_scheduler.config.beta_schedule == "linear" and parts.noise_scheduler.config.clip_sample
+    assert tokenize_prompts(NoPrompt(), ["a", "b", "c"]).shape == (3, 1)
+
+
+def test_unconditional_module_lowers_its_loss_and_samples_one_channel_images():
+    module = UnconditionalModule(components(32), functools.partial(torch.optim.AdamW, lr=2e-3))
+    data = batches()
+    generator = torch.Generator().manual_seed(0)
+    before = float(module.compute_loss(next(iter(data)), generator))
+    trainer(max_steps=30).fit(module, data)
+    after = float(module.compute_loss(next(iter(data)), torch.Generator().manual_seed(0)))
+    assert after < before
+    images = module.sample([0, 1], num_inference_steps=3)
+    assert images.shape == (2, 32, 32, 1) and np.isfinite(images).all()
+    assert np.array_equal(images, module.sample([0, 1], num_inference_steps=3))  # seeded
+    grid = module.render_samples([0, 1, 2], num_inference_steps=2, scheduler="ddim")
+    assert grid.shape == (32, 96, 3) and grid.dtype == np.uint8
+    assert module.unet.training
+
+
+def test_unconditional_refuses_a_text_conditioned_unet(model_cache):
+    from helpers.modules import tiny
+
+    with pytest.raises(ValueError, match="model=ddpm_pixel"):
+        UnconditionalModule(tiny(model_cache))
+
+
+@pytest.mark.slow
+def test_unconditional_run_exports_a_folder_stock_ddpm_pipeline_samples(small_prepared, tmp_path):
+    root, prepared = small_prepared
+    run = tmp_path / "run"
+    run_train(root, prepared, ["task=unconditional", "model=ddpm_pixel", "trainer.max_steps=4",
+                               f"hydra.run.dir={run}"])
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "finished" and result["task"] == "unconditional"
+    pipe = DDPMPipeline.from_pretrained(result["export_dir"])
+    assert isinstance(pipe.scheduler, DDPMScheduler) and pipe.scheduler.config.beta_schedule == "linear"
+    assert pipe.unet.config.in_channels == 1 and pipe.unet.config.sample_size == 64
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                  output_type="np").images
+    assert images.shape == (2, 64, 64, 1) and np.isfinite(images).all() and images.std() > 0
+    initial = components(64).unet.state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in pipe.unet.state_dict().items())  # it trained
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(Path(result["export_dir"]) / "README.md")
+    assert card.data.pipeline_tag == "unconditional-image-generation" and "DDPMPipeline" in card.text
+    assert list((run / "tensorboard" / "samples").glob("step_*.png")), "the sample grid draws unconditional samples"
