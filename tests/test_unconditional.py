@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mame_lightning import CONF_DIR
 from mame_lightning.data.loading.prepared_set import tokenize_prompts
-from mame_lightning.models.unconditional import NoPrompt, UnconditionalModule, pixel_components
+from mame_lightning.models.unconditional import NoPrompt, UnconditionalModule, latent_components, pixel_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,3 +92,39 @@ def test_unconditional_run_exports_a_folder_stock_ddpm_pipeline_samples(small_pr
     card = ModelCard.load(Path(result["export_dir"]) / "README.md")
     assert card.data.pipeline_tag == "unconditional-image-generation" and "DDPMPipeline" in card.text
     assert list((run / "tensorboard" / "samples").glob("step_*.png")), "the sample grid draws unconditional samples"
+
+
+def latent_parts(size: int = 32):
+    model = OmegaConf.load(Path(CONF_DIR) / "model" / "ldm_unconditional.yaml")
+    schedule = OmegaConf.load(Path(CONF_DIR) / "model" / "noise_schedule" / "sd_v1.yaml")
+    return latent_components(unet=model.unet, vae=model.vae, noise_schedule=schedule, sample_size=size, seed=0)
+
+
+def test_latent_unconditional_trains_the_unet_on_frozen_vae_latents():
+    parts = latent_parts(32)
+    assert parts.unet.config.in_channels == parts.vae.config.latent_channels == 4 and parts.unet.config.sample_size == 8
+    module = UnconditionalModule(parts, functools.partial(torch.optim.AdamW, lr=1e-3))
+    vae_before = {k: v.clone() for k, v in parts.vae.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    trainer(max_steps=3).fit(module, batches())
+    assert all(torch.equal(vae_before[k], v) for k, v in parts.vae.state_dict().items()), "the VAE stays frozen"
+    assert any(not torch.equal(unet_before[k], v) for k, v in parts.unet.state_dict().items())
+    assert not module.vae.training and module.unet.training
+    images = module.sample([0, 1], num_inference_steps=2)
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_latent_export_loads_in_stock_ldm_pipeline(tmp_path):
+    from diffusers import DDIMScheduler, LDMPipeline
+
+    from mame_lightning.models.export import export_pipeline
+
+    module = UnconditionalModule(latent_parts(32), functools.partial(torch.optim.AdamW, lr=1e-3))
+    folder = export_pipeline(module, tmp_path / "export", task="unconditional")
+    pipe = LDMPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.vqvae.config.latent_channels == 4
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    ours = module.sample([0], num_inference_steps=2, scheduler="ddim")
+    again = pipe(batch_size=1, generator=[torch.Generator().manual_seed(0)], num_inference_steps=2, output_type="np").images
+    np.testing.assert_allclose(ours, again, atol=1e-5)  # the export is the trained model, decoded the same way

@@ -1,9 +1,11 @@
-"""Unconditional diffusion in pixel space (MAM-E 4.1): a diffusers `UNet2DModel` on single-channel
-mammograms (64x64 by default) under the DDPM noise schedule, trained from scratch, no prompt.
+"""Unconditional diffusion (MAM-E 4.1): a diffusers `UNet2DModel` trained from scratch, no prompt, either
+on single-channel pixels (64x64 by default) under the DDPM noise schedule (`model=ddpm_pixel`), or on
+the latents of a frozen `AutoencoderKL` (`model=ldm_unconditional`: latent diffusion from scratch).
 
 The components mirror the Stable Diffusion ones where training and export meet them (`unet`,
 `noise_scheduler`, `tokenizer`, `pipeline()`, `save_pretrained()`), so the run, checkpoints and
-the export are the same code; the export is a folder stock `DDPMPipeline.from_pretrained` loads.
+the export are the same code; the export is a folder stock `DDPMPipeline.from_pretrained` loads
+(pixels) or stock `LDMPipeline.from_pretrained` (latents: the VAE as its `vqvae`, a DDIM scheduler).
 The prepared-set reader tokenises prompts, so `NoPrompt` stands in for a tokenizer.
 """
 
@@ -16,7 +18,7 @@ from types import SimpleNamespace
 import lightning as L
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
 
 from mame_lightning.models import diffusion
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step, ema_weights
@@ -69,6 +71,48 @@ def pixel_components(*, unet: Mapping, noise_schedule: Mapping, sample_size: int
     return PixelComponents(model, DDPMScheduler(**plain_options(noise_schedule)), NoPrompt())
 
 
+@dataclass
+class LatentComponents:
+    unet: UNet2DModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    tokenizer: NoPrompt
+    source: str = "random"
+
+    is_inpaint = False
+
+    def pipeline(self, scheduler=None) -> LDMPipeline:
+        """diffusers' unconditional latent pipeline (it divides by the VAE's scaling factor, then decodes)."""
+        chosen = scheduler if scheduler is not None else DDIMScheduler.from_config(self.noise_scheduler.config)
+        return LDMPipeline(vqvae=self.vae, unet=self.unet, scheduler=chosen)
+
+    def save_pretrained(self, folder, scheduler=None) -> None:
+        self.pipeline(scheduler).save_pretrained(str(folder))
+
+
+def latent_components(*, unet: Mapping, noise_schedule: Mapping, sample_size: int = 64, vae: Mapping | None = None,
+                      vae_path: str | None = None, seed: int = 0) -> LatentComponents:
+    """A random UNet2DModel on the latents of a frozen AutoencoderKL: `vae_path` (a folder such as the
+    autoencoder task's RUN/export/vae, or a diffusers model's vae/), else a random one from `vae`."""
+    if vae_path:
+        autoencoder = AutoencoderKL.from_pretrained(str(vae_path))
+    elif vae:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            autoencoder = AutoencoderKL(sample_size=int(sample_size), **dict(plain_options(vae)))
+    else:
+        raise ValueError("model.vae_path: give an AutoencoderKL folder (e.g. AE_RUN/export/vae), or model.vae")
+    factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)
+    channels = autoencoder.config.latent_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = UNet2DModel(sample_size=int(sample_size) // factor, in_channels=channels, out_channels=channels,
+                            **dict(plain_options(unet)))
+    autoencoder.requires_grad_(False).eval()
+    return LatentComponents(model, autoencoder, DDPMScheduler(**plain_options(noise_schedule)), NoPrompt(),
+                            str(vae_path or "random"))
+
+
 class UnconditionalModule(L.LightningModule):
     """Trains the UNet to denoise pixels: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, loss |eps - eps_hat|^2."""
 
@@ -79,8 +123,8 @@ class UnconditionalModule(L.LightningModule):
                  seed: int = 0):
         super().__init__()
         if not isinstance(components.unet, UNet2DModel):
-            raise ValueError(f"task=unconditional trains a UNet2DModel: add model=ddpm_pixel (got "
-                             f"{type(components.unet).__name__})")
+            raise ValueError(f"task=unconditional trains a UNet2DModel: add model=ddpm_pixel or model=ldm_unconditional "
+                             f"(got {type(components.unet).__name__})")
         ema = plain_options(ema)
         self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler"])
         self.components = components
@@ -88,20 +132,36 @@ class UnconditionalModule(L.LightningModule):
         self.noise_scheduler = components.noise_scheduler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler or constant_schedule
+        self.vae = getattr(components, "vae", None)  # latent diffusion: frozen, always in eval mode
+        if self.vae is not None:
+            self.vae.requires_grad_(False).eval()
         self.unet.requires_grad_(True).train()
         self.ema = build_ema(self.unet, ema)
         self._micro_step: int | None = None
         self._micro_index = 0
         self._ema_last_step: int | None = None
 
-    def pixels(self, batch: Mapping) -> torch.Tensor:
-        """The batch's images in [-1, 1] with the UNet's channels (the reader repeats grey into RGB)."""
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        return self
+
+    def diffused(self, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
+        """What is noised: pixels in [-1, 1] with the UNet's channels (the reader repeats grey into RGB), or
+        the frozen VAE's scaled latents (drawn from the latent cache's posterior when the batch has one)."""
+        if self.vae is not None and "latent_mean" in batch:
+            return diffusion.latents_from_dist(batch["latent_mean"].to(self.device), batch["latent_logvar"].to(self.device),
+                                               self.vae.config.scaling_factor, generator).float()
         if "pixel_values" not in batch:
-            raise KeyError(f"task=unconditional trains on pixels (dataset.latent_cache=false), got keys {sorted(batch)}")
+            raise KeyError(f"task=unconditional needs pixel_values (dataset.latent_cache=false), got keys {sorted(batch)}")
+        if self.vae is not None:
+            with torch.no_grad():
+                return diffusion.encode_latents(self.vae, batch["pixel_values"].to(self.device), generator).float()
         return batch["pixel_values"][:, : self.unet.config.in_channels].to(self.device).float()
 
     def compute_loss(self, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
-        images = self.pixels(batch)
+        images = self.diffused(batch, generator)
         noise = diffusion.sample_noise(images, generator)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = diffusion.sample_timesteps(images.shape[0], steps, images.device, generator)
@@ -121,7 +181,7 @@ class UnconditionalModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at global step {self.global_step}; "
                                    "lower optimizer.lr")
-        size = len(batch["pixel_values"])
+        size = len(batch["input_ids"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
@@ -131,7 +191,7 @@ class UnconditionalModule(L.LightningModule):
     def validation_step(self, batch: Mapping, batch_idx: int):
         generator = step_generator(self.hparams.seed, 0, batch_idx, self.global_rank, self.device, VAL_STREAM)
         loss = self.compute_loss(batch, generator)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["pixel_values"]))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch["input_ids"]))
         return loss
 
     def configure_optimizers(self):
@@ -183,4 +243,4 @@ class UnconditionalModule(L.LightningModule):
         return (np.clip(row, 0, 1) * 255).round().astype(np.uint8)
 
 
-__all__ = ["NoPrompt", "PixelComponents", "UnconditionalModule", "pixel_components"]
+__all__ = ["LatentComponents", "NoPrompt", "PixelComponents", "UnconditionalModule", "latent_components", "pixel_components"]
