@@ -128,3 +128,27 @@ def test_latent_export_loads_in_stock_ldm_pipeline(tmp_path):
     ours = module.sample([0], num_inference_steps=2, scheduler="ddim")
     again = pipe(batch_size=1, generator=[torch.Generator().manual_seed(0)], num_inference_steps=2, output_type="np").images
     np.testing.assert_allclose(ours, again, atol=1e-5)  # the export is the trained model, decoded the same way
+
+
+@pytest.mark.slow
+def test_pixel_and_latent_runs_compare_in_one_figure(small_prepared, tmp_path):
+    """What `make unconditional-compare` runs, at 4 steps: both trainings, then the figure from their folders."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root, prepared = small_prepared
+    common = ["experiment=unconditional", "trainer.max_steps=4", "export=false"]
+    run_train(root, prepared, [*common, "model=ddpm_pixel", f"hydra.run.dir={tmp_path / 'pixel'}"])
+    run_train(root, prepared, [*common, "model=ldm_unconditional", f"hydra.run.dir={tmp_path / 'latent'}"])
+    out = tmp_path / "pixel_vs_latent.png"
+    proc = subprocess.run([sys.executable, "-m", "mame_lightning.runs.unconditional_comparison", f"pixel={tmp_path / 'pixel'}",
+                           f"latent={tmp_path / 'latent'}", f"out={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["steps_shown"] == [0, 2, 4] and set(summary["runs"]) == {"pixel", "latent"}
+    assert all(entry["loss_points"] == 4 and np.isfinite(entry["final_loss"]) for entry in summary["runs"].values())
+    with Image.open(out) as figure:
+        assert figure.width > 600 and np.asarray(figure.convert("L")).std() > 0
+    assert "pixel: 4 logged steps" in proc.stdout
