@@ -191,3 +191,21 @@ def test_quality_in_a_tiny_training_run_best_export_and_clean_collapse_stop(smal
     assert result["status"] == "stopped" and result["reason"].startswith("collapse: diversity")
     assert result["global_step"] == 2 and (stopped / "export" / "model_index.json").is_file()
     assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_export_from_best_needs_a_monitored_checkpoint_and_falls_back_to_last_unscored(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mame_lightning.runs.best_checkpoint import ExportChoiceError, check_export_from, restore_for_export
+
+    cfg = OmegaConf.create({"export": {"from": "best"}, "callbacks": {"checkpoint": {"monitor": None}}})
+    with pytest.raises(ExportChoiceError, match="callbacks.checkpoint.monitor=quality/fidelity"):
+        check_export_from(cfg)
+    cfg.export["from"] = "newest"
+    with pytest.raises(ExportChoiceError, match="choose from last, best"):
+        check_export_from(cfg)
+    cfg.export["from"], cfg.callbacks.checkpoint.monitor = "best", "quality/fidelity"
+    check_export_from(cfg)
+    unscored = SimpleNamespace(checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="quality/fidelity")])
+    assert restore_for_export(cfg, unscored, module=None) == {"export_from": "last", "note": "no scored checkpoint"}
+    assert restore_for_export(OmegaConf.create({"export": {"from": "last"}}), unscored, None) == {"export_from": "last"}
