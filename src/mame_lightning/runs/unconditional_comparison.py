@@ -65,12 +65,17 @@ def compare_runs(runs: Mapping[str, str | Path], out: str | Path, columns: int =
     curves = {label: loss_curve(path) for label, path in runs.items()}
     grids = {label: sample_grids(path) for label, path in runs.items()}
     steps = shared_steps(list(grids.values()), columns)
-    fig = plt.figure(figsize=(3.0 * len(steps), 2.6 + 2.4 * len(runs)))
-    spec = fig.add_gridspec(1 + len(runs), len(steps), height_ratios=[1.3] + [1.0] * len(runs))
+    with Image.open(grids[next(iter(runs))][steps[0]]) as first:
+        aspect = first.height / first.width  # a grid is one row of seeds: wide and short
+    width = 3.2 * len(steps)
+    rows = [width / len(steps) * aspect * 1.35] * len(runs)
+    fig = plt.figure(figsize=(width, 3.0 + sum(rows)))
+    spec = fig.add_gridspec(1 + len(runs), len(steps), height_ratios=[3.0] + rows, hspace=0.6)
     axis = fig.add_subplot(spec[0, :])
     for label, (x, y) in curves.items():
-        smooth = smoothed(y, window)
-        axis.plot(x[len(x) - len(smooth):], smooth, label=f"{label} (mean of {min(window, len(y))} steps)")
+        points = max(1, min(int(window), len(y) // 8))  # a running mean over logged points, from the start
+        smooth = smoothed(y, points)
+        axis.plot(x[len(x) - len(smooth):], smooth, label=f"{label} (running mean of {points} logged values)")
     axis.set_yscale("log")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("train/loss (noise MSE)")
