@@ -62,7 +62,7 @@ utility: $(STAMP)
 # The combined GUI: make app ARGS="model.text2image=EXPORT_DIR model.inpaint=EXPORT_DIR"
 # Pixel-space DDPM vs latent diffusion from scratch, same budget (UNCOND_STEPS) on the phantoms: loss curves and
 # sample grids in one figure, outputs/unconditional/pixel_vs_latent.png (the latent run uses the demo's autoencoder)
-UNCOND_STEPS ?= 400
+UNCOND_STEPS ?= 1200
 UNCOND_OUT   ?= outputs/unconditional
 unconditional-compare: $(STAMP)
 	@test -f outputs/demo/autoencoder/export/vae/config.json || $(BIN)/python -m mame_lightning.train experiment=demo_autoencoder hydra.run.dir=outputs/demo/autoencoder
