@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup lock test test-fast demo app chromium dicom3tools slurm bench bench-prepare utility clean
+.PHONY: setup lock test test-fast demo app chromium dicom3tools slurm bench bench-prepare utility unconditional-compare clean
 
 # constraints.txt: the exact versions the suite passed with, so a later install does not drift.
 LOCK    := constraints.txt
@@ -58,6 +58,17 @@ demo: $(STAMP)
 utility: $(STAMP)
 	@test -n "$(ARGS)" || test -f outputs/demo/inpaint/export/model_index.json || $(MAKE) demo
 	$(BIN)/python -m mame_lightning.utility $(ARGS)
+
+# Pixel-space DDPM vs latent diffusion from scratch, same budget (UNCOND_STEPS) on the phantoms: loss curves and
+# sample grids in one figure, outputs/unconditional/pixel_vs_latent.png (the latent run uses the demo's autoencoder)
+UNCOND_STEPS ?= 1200
+UNCOND_OUT   ?= outputs/unconditional
+unconditional-compare: $(STAMP)
+	rm -rf $(UNCOND_OUT)/pixel $(UNCOND_OUT)/latent  # fresh runs: TensorBoard would mix an earlier run's events in
+	@test -f outputs/demo/autoencoder/export/vae/config.json || $(BIN)/python -m mame_lightning.train experiment=demo_autoencoder hydra.run.dir=outputs/demo/autoencoder
+	$(BIN)/python -m mame_lightning.train experiment=unconditional model=ddpm_pixel trainer.max_steps=$(UNCOND_STEPS) hydra.run.dir=$(UNCOND_OUT)/pixel
+	$(BIN)/python -m mame_lightning.train experiment=unconditional model=ldm_unconditional model.vae_path=outputs/demo/autoencoder/export/vae trainer.max_steps=$(UNCOND_STEPS) hydra.run.dir=$(UNCOND_OUT)/latent
+	$(BIN)/python -m mame_lightning.runs.unconditional_comparison pixel=$(UNCOND_OUT)/pixel latent=$(UNCOND_OUT)/latent out=$(UNCOND_OUT)/pixel_vs_latent.png
 
 # The combined GUI: make app ARGS="model.text2image=EXPORT_DIR model.inpaint=EXPORT_DIR"
 app: $(STAMP)

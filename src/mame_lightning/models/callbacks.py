@@ -131,6 +131,8 @@ class SampleGrid(L.Callback):
 
     def render(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> np.ndarray:
         """The grid as uint8 HxWx3, sampled with the EMA weights when the module keeps them."""
+        if hasattr(pl_module, "render_samples"):  # an unconditional model: one row, a column per seed
+            return pl_module.render_samples(self.seeds, self.num_inference_steps, self.scheduler)
         components = pl_module.components
         parts = (components.unet, components.vae, components.text_encoder)
         modes = {module: module.training for module in pl_module.modules()}

@@ -104,7 +104,8 @@ def export_pipeline(
             with torch.no_grad(), float32_weights(components.vae):
                 lora = write_lora_export(components, tmp, lora, merge=merge_lora)
         else:
-            parts = (components.unet, components.vae, components.text_encoder)
+            parts = [p for p in (components.unet, getattr(components, "vae", None),
+                                 getattr(components, "text_encoder", None)) if p is not None]  # a pixel model: UNet alone
             with torch.no_grad(), ema_weights(ema, components.unet), float32_weights(*parts):
                 components.save_pretrained(tmp)
         metadata = export_metadata(task=task, templates=templates, attributes=attributes, train_config=train_config,

@@ -21,10 +21,12 @@ SD15_LICENSE = "creativeml-openrail-m"  # the Stable Diffusion v1.5 weights' lic
 OWN_LICENSE = "apache-2.0"  # weights trained from scratch by this project's code
 # Hub ids (by prefix) whose weights carry another licence than SD v1.5's
 BASE_LICENSES = {"stabilityai/stable-diffusion-2": "openrail++"}
-PIPELINE_TAGS = {"text2image": "text-to-image", "inpaint": "image-to-image", "autoencoder": "image-to-image"}
+PIPELINE_TAGS = {"text2image": "text-to-image", "inpaint": "image-to-image", "autoencoder": "image-to-image",
+                 "unconditional": "unconditional-image-generation"}
 BASE_TAGS = ["diffusers", "stable-diffusion", "stable-diffusion-diffusers", "mammography", "medical-imaging",
              "synthetic-data", "mame_lightning"]
-TASK_TAGS = {"text2image": ["text-to-image"], "inpaint": ["inpainting", "image-to-image"], "autoencoder": ["vae"]}
+TASK_TAGS = {"text2image": ["text-to-image"], "inpaint": ["inpainting", "image-to-image"], "autoencoder": ["vae"],
+             "unconditional": ["unconditional-image-generation", "ddpm"]}
 # template placeholder -> key of its value list in the sidecar's "attributes"
 FIELD_LISTS = {"vendor": "vendors", "view": "views", "density": "densities", "area": "areas"}
 MAX_EXAMPLES = 4
@@ -145,7 +147,7 @@ def _prompts(metadata: Mapping) -> list[str]:
     lines = ["## Prompts", ""]
     template = templates.get(task) if task in ("text2image", "inpaint") else None
     if not template:
-        return lines + ["This export is not prompted by attributes (task: autoencoder)."]
+        return lines + [f"This export is not prompted by attributes (task: {task})."]
     lines += [f"Template: `{template}`", ""]
     fields = [f for f in template_fields(template) if f in FIELD_LISTS]
     for field in fields:
@@ -167,6 +169,10 @@ def _metrics(metrics: Mapping | None) -> list[str]:
 
 
 def _usage(metadata: Mapping) -> list[str]:
+    if metadata.get("task") == "unconditional":
+        return ["## How to use", "", "```python", "from diffusers import DDPMPipeline", "",
+                'pipe = DDPMPipeline.from_pretrained("THIS_FOLDER_OR_REPO")',
+                "image = pipe(batch_size=1, num_inference_steps=1000).images[0]", "```"]
     inpaint = metadata.get("task") == "inpaint"
     pipeline = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
     call = ('pipe(prompt, image=image, mask_image=mask).images[0]' if inpaint
@@ -207,6 +213,8 @@ def _origin(metadata: Mapping, base: str | None) -> str:
     model = str((metadata.get("train_config") or {}).get("model", {}).get("_target_", ""))
     start = (f"{base} fine-tuned" if base else "Stable Diffusion fine-tuned" if model.endswith("load_components")
              else "a small Stable Diffusion-architecture model trained from scratch")
+    if metadata.get("task") == "unconditional":
+        start = "an unconditional pixel-space DDPM (diffusers UNet2DModel) trained from scratch"
     template = dict(metadata.get("templates") or {}).get(metadata.get("task"), "")
     fields = [f for f in template_fields(template) if f in FIELD_LISTS] if template else []
     control = f", its prompts controlling {', '.join(fields)}" if fields else ""

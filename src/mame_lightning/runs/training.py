@@ -28,6 +28,8 @@ from mame_lightning.models.loggers import finish as finish_loggers
 from mame_lightning.models.loggers import log_hyperparams
 from mame_lightning.models.text2image import TrainingDiverged
 from mame_lightning.runs import prior_preservation
+from mame_lightning.runs.best_checkpoint import ExportChoiceError, check_export_from, restore_for_export
+from mame_lightning.runs.quality import QualityConfigError, stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class HardwareError(RuntimeError):
 
 # Problems of the command line, the data or a checkpoint: the entry point reports them in one line.
 USER_ERRORS = (TrainingDiverged, CheckpointError, FileNotFoundError, HardwareError,
-               prior_preservation.PriorConfigError)
+               prior_preservation.PriorConfigError, ExportChoiceError, QualityConfigError)
 
 
 def check_hardware(cfg: DictConfig, cuda_available: bool | None = None) -> None:
@@ -179,6 +181,7 @@ def train(cfg: DictConfig) -> dict:
     prior_preservation.check_prior(cfg)
     started = time.time()
     hub_token = check_hub(cfg)
+    check_export_from(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run_dir / RESOLVED_CONFIG)
@@ -213,7 +216,8 @@ def train(cfg: DictConfig) -> dict:
     finish_loggers(trainer.loggers)
 
     status = "interrupted" if trainer.interrupted else "finished"
-    result = run_result(trainer, module, run_dir, cfg, started, status=status)
+    reason = stop_reason(trainer)  # callbacks.quality with stop_on_collapse=true
+    result = run_result(trainer, module, run_dir, cfg, started, status="stopped" if reason else status, reason=reason)
     if trainer.is_global_zero:
         if cfg.get("export") and not trainer.interrupted and not cfg.trainer.get("fast_dev_run"):
             if weights_sharded(trainer):
@@ -222,6 +226,7 @@ def train(cfg: DictConfig) -> dict:
                          run_dir / "checkpoints" / "last.ckpt")
                 folder = None
             else:
+                result.update(restore_for_export(cfg, trainer, module))  # export.from=best|last
                 folder = export_run(cfg, module, datamodule, run_dir / "export", metrics=card_metrics(trainer))
                 result["export_dir"] = str(folder)
             if hub_token and folder:
