@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
 
 from mame_lightning.models import diffusion
+from mame_lightning.models.components import resolve_noise_schedule
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step, ema_weights
 from mame_lightning.models.optimization import constant_schedule
 from mame_lightning.models.schedulers import make_scheduler
@@ -57,8 +58,8 @@ class PixelComponents:
         self.pipeline(scheduler).save_pretrained(str(folder))
 
 
-def pixel_components(*, unet: Mapping, noise_schedule: Mapping, sample_size: int = 64, in_channels: int = 1,
-                     seed: int = 0, pretrained: str | None = None) -> PixelComponents:
+def pixel_components(*, unet: Mapping, noise_schedule: str | Mapping = "ddpm", sample_size: int = 64,
+                     in_channels: int = 1, seed: int = 0, pretrained: str | None = None) -> PixelComponents:
     """A random UNet2DModel from the config (or a DDPMPipeline folder's UNet and schedule: `pretrained`)."""
     if pretrained:
         pipe = DDPMPipeline.from_pretrained(str(pretrained))
@@ -68,7 +69,7 @@ def pixel_components(*, unet: Mapping, noise_schedule: Mapping, sample_size: int
         torch.manual_seed(int(seed))
         model = UNet2DModel(sample_size=int(sample_size), in_channels=int(in_channels),
                             out_channels=int(in_channels), **options)
-    return PixelComponents(model, DDPMScheduler(**plain_options(noise_schedule)), NoPrompt())
+    return PixelComponents(model, DDPMScheduler(**resolve_noise_schedule(noise_schedule)), NoPrompt())
 
 
 @dataclass
@@ -90,8 +91,8 @@ class LatentComponents:
         self.pipeline(scheduler).save_pretrained(str(folder))
 
 
-def latent_components(*, unet: Mapping, noise_schedule: Mapping, sample_size: int = 64, vae: Mapping | None = None,
-                      vae_path: str | None = None, seed: int = 0) -> LatentComponents:
+def latent_components(*, unet: Mapping, noise_schedule: str | Mapping = "sd_v1", sample_size: int = 64,
+                      vae: Mapping | None = None, vae_path: str | None = None, seed: int = 0) -> LatentComponents:
     """A random UNet2DModel on the latents of a frozen AutoencoderKL: `vae_path` (a folder such as the
     autoencoder task's RUN/export/vae, or a diffusers model's vae/), else a random one from `vae`."""
     if vae_path:
@@ -109,7 +110,7 @@ def latent_components(*, unet: Mapping, noise_schedule: Mapping, sample_size: in
         model = UNet2DModel(sample_size=int(sample_size) // factor, in_channels=channels, out_channels=channels,
                             **dict(plain_options(unet)))
     autoencoder.requires_grad_(False).eval()
-    return LatentComponents(model, autoencoder, DDPMScheduler(**plain_options(noise_schedule)), NoPrompt(),
+    return LatentComponents(model, autoencoder, DDPMScheduler(**resolve_noise_schedule(noise_schedule)), NoPrompt(),
                             str(vae_path or "random"))
 
 
