@@ -209,3 +209,22 @@ def test_export_from_best_needs_a_monitored_checkpoint_and_falls_back_to_last_un
     unscored = SimpleNamespace(checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="quality/fidelity")])
     assert restore_for_export(cfg, unscored, module=None) == {"export_from": "last", "note": "no scored checkpoint"}
     assert restore_for_export(OmegaConf.create({"export": {"from": "last"}}), unscored, None) == {"export_from": "last"}
+
+
+@pytest.mark.slow
+def test_quality_under_ddp_samples_on_rank_zero_and_every_rank_stops_together(small_prepared, tmp_path):
+    """Two CPU processes: rank 0 scores, the scores are broadcast, both ranks checkpoint and stop at the same step."""
+    root, prepared = small_prepared
+    run = tmp_path / "ddp"
+    run_train(root, prepared, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4",
+                               "callbacks.sample_grid=null", "callbacks.quality.every_n_steps=2",
+                               "callbacks.quality.images_per_prompt=2", "callbacks.quality.num_inference_steps=2",
+                               "callbacks.checkpoint.monitor=quality/fidelity", "callbacks.checkpoint.mode=max",
+                               "callbacks.quality.min_diversity=1.01", "callbacks.quality.stop_on_collapse=true",
+                               "export.from=best", f"hydra.run.dir={run}"])
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "stopped" and result["global_step"] == 2 and result["export_from"] == "best"
+    assert (run / "export" / "model_index.json").is_file()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("quality/fidelity")] == [2]  # logged once, by rank 0

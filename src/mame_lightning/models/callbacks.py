@@ -6,8 +6,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -55,6 +55,26 @@ def mixed_dtype_autocast(modules: Sequence[torch.nn.Module], device: torch.devic
     if not low:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=low[0])
+
+
+@contextmanager
+def sampling_pipeline(pl_module: L.LightningModule, scheduler: str | None = None) -> Iterator:
+    """The module's in-memory pipeline (`scheduler` by name, else DPM-Solver++) for sampling mid-training:
+    eval mode, no gradients, EMA weights when kept, mixed-dtype autocast; training modes restored after."""
+    components = pl_module.components
+    parts = (components.unet, components.vae, components.text_encoder)
+    modes = {module: module.training for module in pl_module.modules()}
+    pl_module.eval()
+    try:
+        with torch.no_grad(), ema_weights(getattr(pl_module, "ema", None), components.unet), \
+                mixed_dtype_autocast(parts, pl_module.device):
+            chosen = make_scheduler(scheduler, components.noise_scheduler.config) if scheduler else None
+            pipeline = components.pipeline(chosen)
+            pipeline.set_progress_bar_config(disable=True)
+            yield pipeline
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def first_item(trainer: L.Trainer) -> Mapping | None:
@@ -133,20 +153,8 @@ class SampleGrid(L.Callback):
         """The grid as uint8 HxWx3, sampled with the EMA weights when the module keeps them."""
         if hasattr(pl_module, "render_samples"):  # an unconditional model: one row, a column per seed
             return pl_module.render_samples(self.seeds, self.num_inference_steps, self.scheduler)
-        components = pl_module.components
-        parts = (components.unet, components.vae, components.text_encoder)
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with torch.no_grad(), ema_weights(getattr(pl_module, "ema", None), components.unet), \
-                    mixed_dtype_autocast(parts, pl_module.device):
-                scheduler = make_scheduler(self.scheduler, components.noise_scheduler.config) if self.scheduler else None
-                pipeline = components.pipeline(scheduler)
-                pipeline.set_progress_bar_config(disable=True)
-                columns = [self.sample_seed(pipeline, seed, components, pl_module, trainer) for seed in self.seeds]
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with sampling_pipeline(pl_module, self.scheduler) as pipeline:
+            columns = [self.sample_seed(pipeline, seed, pl_module.components, pl_module, trainer) for seed in self.seeds]
         return image_grid([[column[row] for column in columns] for row in range(len(self.prompts))])
 
     def sample_seed(self, pipeline, seed: int, components, pl_module, trainer) -> np.ndarray:

@@ -28,9 +28,8 @@ from mame_lightning.eval.fid import WEIGHTS_FILE_NAME, fid_kid, inception_featur
 from mame_lightning.eval.fidelity import AREA_LABELS, AREA_THRESHOLDS
 from mame_lightning.eval.quality import (CollapseGuard, diversity_scores, fidelity_scores, prompt_attributes,
                                          quality_scalars)
-from mame_lightning.models.callbacks import mixed_dtype_autocast
-from mame_lightning.models.ema import ema_weights
-from mame_lightning.models.schedulers import SCHEDULERS, make_scheduler
+from mame_lightning.models.callbacks import sampling_pipeline
+from mame_lightning.models.schedulers import SCHEDULERS
 
 log = logging.getLogger(__name__)
 PREFIX = "quality"
@@ -150,29 +149,17 @@ class QualityMonitor(L.Callback):
 
     def generate(self, pl_module: L.LightningModule) -> dict[str, list[np.ndarray]]:
         """Each prompt with every seed (a CPU generator each: the same noise on any device)."""
-        components = pl_module.components
-        parts = (components.unet, components.vae, components.text_encoder)
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
         images: dict[str, list[np.ndarray]] = {}
-        try:
-            with torch.no_grad(), ema_weights(getattr(pl_module, "ema", None), components.unet), \
-                    mixed_dtype_autocast(parts, pl_module.device):
-                scheduler = make_scheduler(self.scheduler, components.noise_scheduler.config) if self.scheduler else None
-                pipeline = components.pipeline(scheduler)
-                pipeline.set_progress_bar_config(disable=True)
-                jobs = [(p, s) for p in self.prompts for s in self.seeds]
-                for start in range(0, len(jobs), self.batch_size):
-                    chunk = jobs[start:start + self.batch_size]
-                    out = pipeline(prompt=[p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                                   negative_prompt=[self.negative_prompt] * len(chunk) if self.negative_prompt else None,
-                                   guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-                                   output_type="np").images
-                    for (prompt, _), image in zip(chunk, to_uint8(out)):
-                        images.setdefault(prompt, []).append(image)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        jobs = [(p, s) for p in self.prompts for s in self.seeds]
+        with sampling_pipeline(pl_module, self.scheduler) as pipeline:
+            for start in range(0, len(jobs), self.batch_size):
+                chunk = jobs[start:start + self.batch_size]
+                out = pipeline(prompt=[p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                               negative_prompt=[self.negative_prompt] * len(chunk) if self.negative_prompt else None,
+                               guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                               output_type="np").images
+                for (prompt, _), image in zip(chunk, to_uint8(out)):
+                    images.setdefault(prompt, []).append(image)
         return images
 
     def score(self, images: dict[str, list[np.ndarray]], trainer=None, pl_module=None) -> dict:
