@@ -61,7 +61,7 @@ utility: $(STAMP)
 
 # Pixel-space DDPM vs latent diffusion from scratch, same budget (UNCOND_STEPS) on the phantoms: loss curves and
 # sample grids in one figure, outputs/unconditional/pixel_vs_latent.png (the latent run uses the demo's autoencoder)
-UNCOND_STEPS ?= 1200
+UNCOND_STEPS ?= 600
 UNCOND_OUT   ?= outputs/unconditional
 unconditional-compare: $(STAMP)
 	rm -rf $(UNCOND_OUT)/pixel $(UNCOND_OUT)/latent  # fresh runs: TensorBoard would mix an earlier run's events in

@@ -65,6 +65,9 @@ def compare_runs(runs: Mapping[str, str | Path], out: str | Path, columns: int =
     curves = {label: loss_curve(path) for label, path in runs.items()}
     grids = {label: sample_grids(path) for label, path in runs.items()}
     steps = shared_steps(list(grids.values()), columns)
+    # the same budget for every curve: up to the last step all runs sampled
+    curves = {label: (x[x <= steps[-1]], y[x <= steps[-1]]) if (x <= steps[-1]).any() else (x, y)
+              for label, (x, y) in curves.items()}
     with Image.open(grids[next(iter(runs))][steps[0]]) as first:
         aspect = first.height / first.width  # a grid is one row of seeds: wide and short
     width = 3.2 * len(steps)
