@@ -178,3 +178,19 @@ def snapshot(out_dir: Path) -> dict[str, bytes]:
             data = json.dumps(report, sort_keys=True).encode()
         files[rel] = data
     return files
+
+
+WORKER_LOG_ENV = "MAME_TEST_WORKER_LOG"
+
+
+def counting_worker_setup() -> None:
+    """Preparation's worker initializer, leaving a file per worker (named by its pid) that says
+    the thread limits it runs with."""
+    import os
+
+    from mame_lightning.data.prepare.preparation import worker_setup
+
+    worker_setup()
+    torch = __import__("sys").modules.get("torch")
+    facts = {"omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads() if torch else None}
+    (Path(os.environ[WORKER_LOG_ENV]) / str(os.getpid())).write_text(json.dumps(facts))

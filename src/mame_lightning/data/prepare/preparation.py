@@ -208,6 +208,7 @@ def worker_pool(num_workers: int, num_jobs: int) -> Iterator[ProcessPoolExecutor
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload([__name__])
+    log.info("starting %d worker processes (%s)", min(num_workers, num_jobs), method)
     pool = ProcessPoolExecutor(min(num_workers, num_jobs), mp_context=context, initializer=worker_setup)
     try:
         with _broken_pool_hint():
