@@ -29,11 +29,27 @@ def test_one_pool_of_two_single_threaded_workers_serves_the_whole_run(tmp_path, 
     assert all(w["omp"] == "1" and w["torch"] in (None, 1) for w in workers)
 
 
-def test_workers_fork_unless_another_thread_runs(monkeypatch):
-    monkeypatch.setattr(threading, "active_count", lambda: 1)
+def _idle_thread(name: str) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name=name, daemon=True)
+    thread.start()
+    return thread, stop
+
+
+def test_workers_fork_unless_another_thread_runs():
     assert preparation.start_method() == "fork"  # Linux, no CUDA started: share the parent's imports
-    monkeypatch.setattr(threading, "active_count", lambda: 2)
-    assert preparation.start_method() == "forkserver"
+    thread, stop = _idle_thread("tqdm_monitor")  # a progress bar's monitor does not count
+    try:
+        assert preparation.start_method() == "fork"
+        other, stop_other = _idle_thread("some-worker")
+        try:
+            assert preparation.start_method() == "forkserver"
+        finally:
+            stop_other.set()
+            other.join()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_outputs_are_the_same_with_one_and_two_workers(tmp_path):

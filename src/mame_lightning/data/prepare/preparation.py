@@ -184,6 +184,11 @@ def worker_setup() -> None:
     exit_with_parent()
 
 
+# Threads a fork may leave behind: tqdm's monitor only sleeps and takes tqdm's own lock, which
+# workers never use.
+HARMLESS_THREADS = ("tqdm_monitor",)
+
+
 def start_method() -> str:
     """``fork`` where it is safe: workers then share the parent's imported modules instead of
     importing the package again (about a second per pool). Not after CUDA started or while other
@@ -192,7 +197,8 @@ def start_method() -> str:
     methods = multiprocessing.get_all_start_methods()
     torch = sys.modules.get("torch")
     cuda = torch is not None and torch.cuda.is_initialized()
-    if sys.platform == "linux" and "fork" in methods and threading.active_count() == 1 and not cuda:
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name not in HARMLESS_THREADS]
+    if sys.platform == "linux" and "fork" in methods and not others and not cuda:
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 
