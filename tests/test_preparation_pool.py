@@ -6,6 +6,7 @@ import json
 import threading
 
 import numpy as np
+import pytest
 
 import mame_lightning.data.prepare.preparation as preparation
 from mame_lightning.data.geometry import apply_image, plan
@@ -52,11 +53,19 @@ def test_workers_fork_unless_another_thread_runs():
         thread.join()
 
 
-def test_outputs_are_the_same_with_one_and_two_workers(tmp_path):
+@pytest.mark.parametrize("thread", [None, "some-worker"], ids=["fork", "forkserver"])
+def test_outputs_are_the_same_with_one_and_two_workers(tmp_path, thread):
     one, two = tmp_path / "one", tmp_path / "two"
     preparation.prepare_dataset(compose_prepare("synthetic", tmp_path / "raw", one, *SYNTH))
-    preparation.prepare_dataset(compose_prepare("synthetic", tmp_path / "raw", two, *SYNTH,
-                                                "preparation.num_workers=2", "preparation.chunk_size=1"))
+    other, stop = _idle_thread(thread) if thread else (None, None)
+    try:
+        report = preparation.prepare_dataset(compose_prepare("synthetic", tmp_path / "raw", two, *SYNTH,
+                                                             "preparation.num_workers=2", "preparation.chunk_size=1"))
+    finally:
+        if other:
+            stop.set()
+            other.join()
+    assert report["run"]["num_workers"] == 2
     assert snapshot(one) == snapshot(two)
 
 
