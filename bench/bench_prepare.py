@@ -5,7 +5,7 @@ photometric variant) is generated once and not timed. Each timed run prepares it
 into a fresh folder with `prepare_from_config`, the code `python -m mame_lightning.prepare`
 runs, with the content filters off so every image goes through the whole pipeline.
 
-    python bench/bench_prepare.py [--images 12] [--workers 1 2] [--quick]
+    python bench/bench_prepare.py [--images 40] [--workers 1 2] [--quick]
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def prepare_once(raw: Path, work_dir: Path, *, n: int, height: int, width: int, 
                  chunk_size: int) -> dict:
     """One timed `python -m mame_lightning.prepare` from scratch, as a user runs it.
 
-    A separate process, so worker processes start exactly as they do for the command (spawned
-    children re-import the entry module, not this benchmark). `seconds` is the preparation's
+    A separate process, so worker processes start exactly as they do for the command (forked
+    from it, or started by a forkserver when it runs other threads). `seconds` is the preparation's
     own clock (report.json elapsed_s: records, items, pool start-up, writing the set);
     `command_s` adds interpreter start-up and config composition.
     """
@@ -105,7 +105,7 @@ def run(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--images", type=int, default=12, help="full-size DICOMs in the raw set")
+    p.add_argument("--images", type=int, default=40, help="full-size DICOMs in the raw set")
     p.add_argument("--height", type=int, default=FULL_SIZE[0])
     p.add_argument("--width", type=int, default=FULL_SIZE[1])
     p.add_argument("--size", type=int, default=512, help="prepared side in pixels (MAM-E: 512)")

@@ -4,8 +4,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers.dicom_factory import BACKGROUND, LESION, TISSUE, half_disc_phantom, write_phantom
-from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, tag_metadata, to_float_image, to_uint8
+from helpers.dicom_factory import BACKGROUND, LESION, TISSUE, Phantom, half_disc_phantom, write_phantom
+from mame_lightning.data.dicom import (DicomError, normalise_vendor, read_dicom, tag_metadata, to_display_uint8,
+                                      to_float_image, to_uint8)
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
 
 PHANTOM = half_disc_phantom()
@@ -257,3 +258,43 @@ def test_save_keeps_instance_uid_and_pixels_and_leaves_input_untouched(tmp_path,
     assert np.array_equal(back.pixel_array, PHANTOM.pixels)
     assert not ds.file_meta.TransferSyntaxUID.is_compressed
     assert [p.name for p in tmp_path.iterdir()] == ["x.dcm"]  # no temporary file left behind
+
+
+# --- the display chain through a table of distinct values ---------------------------------------
+
+NOISY = half_disc_phantom(height=120, width=96)
+NOISY.pixels = np.clip(NOISY.pixels.astype(np.int64)
+                       + np.random.default_rng(0).integers(-900, 900, NOISY.pixels.shape), 0, 65535).astype(np.uint16)
+LUT = (np.sqrt(np.arange(65536)) * 16).astype(np.uint16)  # a non-linear VOI LUT
+
+
+@pytest.mark.parametrize(
+    "syntax, kwargs",
+    [
+        ("explicit", {}),
+        ("implicit", {"photometric": "MONOCHROME1"}),
+        ("rle", {"bits_stored": 12}),
+        ("jpeg2000", {"photometric": "MONOCHROME1", "window": (30000.0, 40000.0)}),
+        ("explicit", {"rescale": (0.5, -1000.0), "window": (9000.0, 30000.0), "voi_function": "SIGMOID"}),
+        ("explicit", {"rescale": (2.0, -1000.0), "window": (59000.0, 40000.0), "voi_function": "LINEAR_EXACT"}),
+        ("explicit", {"voi_lut": LUT}),
+        ("explicit", {"window": (30000.0, 40000.0), "voi_function": "NOT_A_FUNCTION"}),
+    ],
+)
+def test_display_uint8_gives_the_bytes_of_the_float_chain(tmp_path, syntax, kwargs):
+    path = write_phantom(tmp_path / "x.dcm", NOISY, syntax, **kwargs)
+    expected = to_uint8(to_float_image(read_dicom(path)))
+    got = to_display_uint8(read_dicom(path))
+    assert got.dtype == np.uint8 and got.shape == NOISY.pixels.shape
+    assert np.array_equal(got, expected)
+    assert len(np.unique(got)) > 10  # many grey levels: the table really was exercised
+
+
+def test_display_uint8_of_signed_and_constant_images(tmp_path):
+    ds = read_dicom(write_phantom(tmp_path / "x.dcm", NOISY))
+    signed = (ds.pixel_array.astype(np.int32) - 30000).astype(np.int16)
+    ds.PixelRepresentation, ds.PixelData = 1, signed.tobytes()
+    assert ds.pixel_array.min() < 0
+    assert np.array_equal(to_display_uint8(ds), to_uint8(to_float_image(ds)))
+    flat = read_dicom(write_phantom(tmp_path / "flat.dcm", Phantom(np.full((8, 6), 7, np.uint16), *[None] * 3)))
+    assert not to_display_uint8(flat).any()

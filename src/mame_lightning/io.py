@@ -106,10 +106,10 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sor
                       fsync=fsync)
 
 
-def png_bytes(image, text: Mapping[str, str] | None = None) -> bytes:
+def png_bytes(image, text: Mapping[str, str] | None = None, compress_level: int = 6) -> bytes:
     """A PNG of a PIL image or a uint8 array (grey HxW or RGB HxWx3); `text` as UTF-8 iTXt chunks.
 
-    PIL writes no timestamps, so equal pixels and text give equal bytes.
+    PIL writes no timestamps, so equal pixels, text and `compress_level` (zlib 0-9) give equal bytes.
     """
     import numpy as np
     from PIL import Image
@@ -123,13 +123,14 @@ def png_bytes(image, text: Mapping[str, str] | None = None) -> bytes:
         for key, value in text.items():
             info.add_itxt(str(key), str(value))
     buffer = BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 
-def write_png(path: str | os.PathLike, image, *, text: Mapping[str, str] | None = None, fsync: bool = True) -> Path:
+def write_png(path: str | os.PathLike, image, *, text: Mapping[str, str] | None = None, fsync: bool = True,
+              compress_level: int = 6) -> Path:
     """A PNG (see `png_bytes`), durably."""
-    return write_bytes(path, png_bytes(image, text), fsync=fsync)
+    return write_bytes(path, png_bytes(image, text, compress_level), fsync=fsync)
 
 
 def append_line(path: str | os.PathLike, line: str, *, fsync: bool = True) -> Path:

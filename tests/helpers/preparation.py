@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from hydra import compose, initialize_config_dir
 import mame_lightning
 
 from mame_lightning.data.dicom_writer import make_mammogram_dataset, save_dataset
+from mame_lightning.data.prepare.preparation import worker_setup
 from mame_lightning.data.synthetic.phantoms import PhantomSpec, render_phantom
 
 CONF_DIR = Path(mame_lightning.CONF_DIR)
@@ -178,3 +181,15 @@ def snapshot(out_dir: Path) -> dict[str, bytes]:
             data = json.dumps(report, sort_keys=True).encode()
         files[rel] = data
     return files
+
+
+WORKER_LOG_ENV = "MAME_TEST_WORKER_LOG"
+
+
+def counting_worker_setup() -> None:
+    """Preparation's worker initializer, leaving a file per worker (named by its pid) that says
+    the thread limits it runs with."""
+    worker_setup()
+    torch = sys.modules.get("torch")
+    facts = {"omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads() if torch else None}
+    (Path(os.environ[WORKER_LOG_ENV]) / str(os.getpid())).write_text(json.dumps(facts))

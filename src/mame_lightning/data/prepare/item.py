@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, to_float_image, to_uint8
+from mame_lightning.data.dicom import DicomError, normalise_vendor, read_dicom, to_display_uint8
 from mame_lightning.data.prepare.filters import filter_reason, image_tags, merge_attributes, unlocalised_reason
 from mame_lightning.data.geometry import Geometry, apply_image, box_mask, map_box, plan
 from mame_lightning.data.prepare.identity import hidden_path, read_identity, redact, replace_strings, reveals_identity
@@ -64,8 +65,8 @@ def orient(img: np.ndarray, laterality: str | None, size: int, check: bool):
         raise BlankImage("no breast tissue found (blank image)")
     if not check or chest_wall_side(mask) == "left":
         return out, geom, mask, False
-    geom = plan(height, width, size, flip=not geom.flip)
-    out = apply_image(img, geom)
+    geom = replace(geom, flip=not geom.flip)  # the flip comes after the crop: no second resize
+    out = np.ascontiguousarray(out[:, ::-1])
     return out, geom, tissue_mask(out), laterality is not None
 
 
@@ -179,7 +180,7 @@ def _prepare(record: ImageRecord, raw_dir: Path, out_dir: Path, settings: Mappin
         return _drop("filtered", *dropped)
 
     try:
-        pixels = to_uint8(to_float_image(ds))
+        pixels = to_display_uint8(ds)  # the pixels are decoded once, here
         image, geom, mask, disagreed = orient(pixels, attrs["laterality"], settings["size"],
                                               settings["check_orientation"])
     except BlankImage as err:

@@ -11,6 +11,7 @@ docs/architecture.md ("Prepared set on disk").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -152,7 +154,7 @@ def plan_items(records: Iterable[ImageRecord | Rejection], raw_dir: Path, out_di
 
 
 def exit_with_parent() -> None:
-    """Worker initializer: end this worker as soon as the process that started it is gone.
+    """End this worker as soon as the process that started it is gone.
 
     A pool's workers otherwise outlive a parent killed with SIGKILL (nothing closes their queue),
     and keep the resource tracker alive with them. The parent's sentinel becomes ready when it dies.
@@ -168,20 +170,78 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def run_jobs(jobs: list[tuple], num_workers: int, chunk_size: int) -> Iterator[dict]:
-    """Outcomes of the jobs, in-process for 0/1 workers, else from spawned worker processes."""
-    if num_workers <= 1 or len(jobs) <= 1:
-        yield from map(run_item, jobs)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_setup() -> None:
+    """Worker initializer: one thread per worker (N workers share N cores, not N x threads each),
+    and exit with the parent."""
+    for name in THREAD_VARIABLES:  # for libraries the worker loads itself
+        os.environ[name] = "1"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    exit_with_parent()
+
+
+# Threads a fork may leave behind: tqdm's monitor only sleeps and takes tqdm's own lock, which
+# workers never use.
+HARMLESS_THREADS = ("tqdm_monitor",)
+
+
+def start_method() -> str:
+    """``fork`` where it is safe: workers then share the parent's imported modules instead of
+    importing the package again (about a second per pool). Not after CUDA started or while other
+    threads run (a child could inherit a lock held mid-operation): ``forkserver`` then, which
+    imports the item pipeline once for all workers, else ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_initialized()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name not in HARMLESS_THREADS]
+    if sys.platform == "linux" and "fork" in methods and not others and not cuda:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+@contextlib.contextmanager
+def worker_pool(num_workers: int, num_jobs: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The run's one pool of worker processes, started before anything else (a progress bar's
+    thread) runs; None for 0/1 workers or a single job (items then run in-process)."""
+    if num_workers <= 1 or num_jobs <= 1:
+        yield None
         return
-    context = multiprocessing.get_context("spawn")  # no inherited threads, locks or CUDA state
+    method = start_method()
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    log.info("starting %d worker processes (%s)", min(num_workers, num_jobs), method)
+    pool = ProcessPoolExecutor(min(num_workers, num_jobs), mp_context=context, initializer=worker_setup)
     try:
-        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context,
-                                 initializer=exit_with_parent) as pool:
-            yield from pool.map(run_item, jobs, chunksize=max(1, chunk_size))
+        with _broken_pool_hint():
+            pool.submit(os.getpid).result()  # starts every worker now (fork starts them all at once)
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _broken_pool_hint() -> Iterator[None]:
+    try:
+        yield
     except BrokenProcessPool as err:
         raise RuntimeError(
             "preparation worker processes died; a script that prepares data must guard its entry "
             "with `if __name__ == \"__main__\":` (or set preparation.num_workers=0)") from err
+
+
+def run_jobs(jobs: list[tuple], pool: ProcessPoolExecutor | None, chunk_size: int) -> Iterator[dict]:
+    """Outcomes of the jobs in job order (the same outputs whatever the worker count): in-process
+    without a pool, else handed out ``chunk_size`` at a time to whichever worker is free."""
+    if pool is None:
+        yield from map(run_item, jobs)
+        return
+    with _broken_pool_hint():
+        yield from pool.map(run_item, jobs, chunksize=max(1, chunk_size))
 
 
 def remove_stale(out_dir: Path, outcomes: list[Mapping]) -> int:
@@ -222,12 +282,13 @@ def prepare_dataset(cfg: DictConfig) -> dict:
     reused = sum("fingerprint" in o for o in outcomes)  # finished items (not duplicates or rejections)
     log.info("preparing %s: %d records, %d already prepared", settings["dataset"], len(records), reused)
     workers = int(preparation.get("num_workers", 0) or 0)
-    progress = tqdm(total=len(outcomes) + len(jobs), initial=len(outcomes), desc=f"prepare {settings['dataset']}",
-                    unit="img", dynamic_ncols=True, disable=preparation.get("progress", True) is False)
-    with progress:
-        for outcome in run_jobs(jobs, workers, int(preparation.get("chunk_size", 4))):
-            outcomes.append(outcome)
-            progress.update(1)
+    with worker_pool(workers, len(jobs)) as pool:
+        progress = tqdm(total=len(outcomes) + len(jobs), initial=len(outcomes), desc=f"prepare {settings['dataset']}",
+                        unit="img", dynamic_ncols=True, disable=preparation.get("progress", True) is False)
+        with progress:
+            for outcome in run_jobs(jobs, pool, int(preparation.get("chunk_size", 1))):
+                outcomes.append(outcome)
+                progress.update(1)
     remove_stale(out_dir, outcomes)
 
     run = {"raw_dir": str(raw_dir), "prepared_dir": str(out_dir), "num_workers": workers,

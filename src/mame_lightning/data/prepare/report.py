@@ -44,12 +44,17 @@ def write_json(path: str | Path, obj) -> None:
     durable.write_json(path, printable(obj), sort_keys=True)
 
 
+# zlib level of prepared PNGs: 3 writes a 512 px mammogram ~3x faster than PIL's default 6 for
+# ~10 % more bytes (the pixels are the same; writing was a fifth of an image's preparation).
+PNG_COMPRESS_LEVEL = 3
+
+
 def write_png(path: str | Path, image: np.ndarray) -> None:
     """8-bit grayscale PNG; PIL writes no timestamps, so equal pixels give equal bytes."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D uint8 image, got {image.dtype} {image.shape}")
-    durable.write_png(path, image)
+    durable.write_png(path, image, compress_level=PNG_COMPRESS_LEVEL)
 
 
 def write_metadata(out_dir: Path, task: str, lines: list[dict]) -> None:
