@@ -42,7 +42,6 @@ class Variant:
     optimizer: str = "adamw"
     lora: str = "none"  # conf/lora/<name>: "unet" trains adapters only (ours)
     channels_last: bool = False  # task.module.channels_last (ours)
-    compile: bool = False  # task.module.compile: torch.compile of the UNet (ours; --compile)
 
     @property
     def setting(self) -> tuple[bool, str]:
@@ -61,7 +60,6 @@ TINY_VARIANTS = (
     Variant("ours+cache lora", "ours", cache=True, lora="unet"),
     Variant("ours+cache channels-last", "ours", cache=True, channels_last=True),
 )
-COMPILE_VARIANT = Variant("ours+cache compile", "ours", cache=True, compile=True)
 SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True), Variant("ours", "ours"),
                  Variant("ours+cache lora", "ours", cache=True, lora="unet"))
 
@@ -132,7 +130,7 @@ def train_config(setup: Setup, variant: Variant):
         "task=text2image", f"optimizer={variant.optimizer}", "seed=0",
         f"task.module.gradient_checkpointing={variant.checkpointing}",
         f"task.module.train_text_encoder={setup.train_text_encoder}", f"lora={variant.lora}",
-        f"task.module.channels_last={variant.channels_last}", f"task.module.compile={variant.compile}",
+        f"task.module.channels_last={variant.channels_last}",
     ])
 
 
@@ -163,8 +161,6 @@ def run_ours(components, setup: Setup, variant: Variant, device: torch.device,
     trainer = trainer_for(device, setup.precision, setup.warmup + setup.steps, [ClockCallback(clock)])
     trainer.fit(module, datamodule=datamodule)
     extra["loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
-    if module.first_step is not None and module.first_step.seconds is not None:
-        extra["compile_first_step_s"] = module.first_step.seconds  # compilation included
     extra["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     extra["optimizer_state_mib"] = optimizer_state_mib(trainer.optimizers[0])
     return clock, extra
@@ -235,9 +231,6 @@ def summarise(setup: Setup, variant: Variant, runs: list[dict]) -> dict:
             row[key] = runs[-1][key]
     if "cache_s" in runs[0]:
         row["cache_build_s"] = runs[0]["cache_s"]
-    if "compile_first_step_s" in runs[0]:  # the first round compiles, later rounds load the kernel cache
-        row["compile_first_step_s"] = runs[0]["compile_first_step_s"]
-        row["warm_first_step_s"] = runs[-1]["compile_first_step_s"] if len(runs) > 1 else None
     return row
 
 
@@ -293,8 +286,7 @@ def compare(rows: list[dict]) -> None:
 
 def summary_ratios(rows: list[dict]) -> dict:
     keys = {"ours+cache": "cache_vs_ref", "ours": "nocache_vs_ref", "ours+cache+ckpt": "ckpt_cache_vs_ref_ckpt",
-            "ours+cache 8bit": "8bit_cache_vs_ref_8bit", "ours+cache channels-last": "channels_last_vs_ref",
-            "ours+cache compile": "compile_vs_ref"}
+            "ours+cache 8bit": "8bit_cache_vs_ref_8bit", "ours+cache channels-last": "channels_last_vs_ref"}
     ratios = {f"{r['model']}.{keys[r['variant']]}": r.get("vs_reference") for r in rows if r.get("variant") in keys}
     ratios |= {f"{r['model']}.cache_vs_ref_cpu": r.get("vs_reference_cpu") for r in rows if r.get("variant") == "ours+cache"}
     by_name = {(r.get("model"), r.get("variant")): r for r in rows}
@@ -315,8 +307,7 @@ COLUMNS = [("model", "model"), ("variant", "variant"), ("batch", "batch"), ("ima
            ("step_s", "s/step"), ("vs_reference", "vs ref"),
            ("cpu_s_per_image", "CPU s/img"), ("vs_reference_cpu", "vs ref (CPU)"), ("peak_delta_mib", "peak +MiB"),
            ("trainable_params", "trained params"), ("optimizer_state_mib", "optimizer MiB"),
-           ("cache_build_s", "cache build s"), ("break_even_steps", "break-even steps"),
-           ("compile_first_step_s", "compile s (cold)"), ("warm_first_step_s", "compile s (warm)"), ("skipped", "note")]
+           ("cache_build_s", "cache build s"), ("break_even_steps", "break-even steps"), ("skipped", "note")]
 
 
 def sd15_fits(setup: Setup, cache_dir: Path, budget_mib: float | None = None) -> str | None:
@@ -360,8 +351,6 @@ def run(args) -> dict:
     chosen = setups_for(args, device)
     for setup in chosen:
         variants = TINY_VARIANTS if setup.model == "tiny" else SD15_VARIANTS
-        if args.compile and setup.model == "tiny":
-            variants = (*variants, COMPILE_VARIANT)
         if args.variants:
             variants = [v for v in variants if v.name in args.variants]
         if setup.model == "sd15_arch" and device.type == "cpu" and (why := sd15_fits(setup, args.cache_dir)):
@@ -404,8 +393,6 @@ def parser() -> argparse.ArgumentParser:
                    help="default: 32 on CPU, 16-mixed on CUDA")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers on both sides")
     p.add_argument("--variants", nargs="*", default=None, help="only these variant names")
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile of the UNet (tiny; the first round pays a cold compile of minutes)")
     return p
 
 

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 import lightning as L
 import torch
 from mame_lightning.models import diffusion
-from mame_lightning.models.acceleration import (ATTENTION_BACKENDS, FirstStepTimer, compile_in_place, compile_options,
-                                                persistent_compile_cache, set_attention_backend, use_channels_last)
+from mame_lightning.models.acceleration import ATTENTION_BACKENDS, set_attention_backend, use_channels_last
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
 from mame_lightning.models.loggers import logging_step
 from mame_lightning.models.lora import (CHECKPOINT_KEY, adapter_state, add_lora, check_adapter_state,
@@ -76,8 +75,6 @@ class Text2ImageModule(L.LightningModule):
         lora: Mapping | None = None,
         cache_text_embeddings: bool = True,
         channels_last: bool = False,
-        compile: bool | Mapping | None = False,
-        compile_cache_dir: str | None = None,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -90,7 +87,6 @@ class Text2ImageModule(L.LightningModule):
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         ema, lora = plain_options(ema), plain_options(lora)  # plain types: checkpoints load with weights_only=True
-        compile = compile if isinstance(compile, bool) else plain_options(compile)
         self.save_hyperparameters(ignore=["components", "optimizer", "lr_scheduler"])
         self.components = components
         self.unet = components.unet
@@ -111,7 +107,7 @@ class Text2ImageModule(L.LightningModule):
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
         set_attention_backend(self.unet, attention_backend)
-        self.setup_speed(channels_last, compile, compile_cache_dir, cache_text_embeddings)
+        self.setup_speed(channels_last, cache_text_embeddings)
         self.ema = build_ema(self.unet, ema) if self.hparams.train_unet else None
         self.skipped_steps = 0  # micro-batches skipped for a non-finite loss (nonfinite=skip)
         self.attempted_steps = 0  # micro-batches trained on or skipped
@@ -120,15 +116,10 @@ class Text2ImageModule(L.LightningModule):
         self._micro_step: int | None = None
         self._micro_index = 0
 
-    def setup_speed(self, channels_last: bool, compile, compile_cache_dir, cache_text_embeddings: bool) -> None:
+    def setup_speed(self, channels_last: bool, cache_text_embeddings: bool) -> None:
         """Switches that change how fast a step runs, not what it computes (models/acceleration.py)."""
         if channels_last:
             use_channels_last(self.unet, self.vae)
-        options = compile_options(compile)
-        self.compile_cache = persistent_compile_cache(compile_cache_dir) if options is not None else None
-        self.first_step = FirstStepTimer() if options is not None else None
-        if options is not None:
-            compile_in_place(self.unet, options)
         frozen_encoder = cache_text_embeddings and not self.hparams.train_text_encoder
         self.prompt_cache = PromptEmbeddingCache(self.frozen_prompt_hidden) if frozen_encoder else None
         self._empty_ids: dict[tuple[int, str], torch.Tensor] = {}
@@ -333,10 +324,6 @@ class Text2ImageModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)  # stepped per optimizer step
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self.first_step is not None:
-            self.first_step.start()
-
     # -- EMA and checkpoints ----------------------------------------------------------------
     def on_train_start(self) -> None:
         self.train()
@@ -346,8 +333,6 @@ class Text2ImageModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Average after each optimiser step (global_step only advances when one happened)."""
-        if self.first_step is not None and (seconds := self.first_step.stop(self.compile_cache)) is not None:
-            self.log("perf/first_step_s", seconds, on_step=True, on_epoch=False, batch_size=1)
         if self.ema is None or self.global_step == self._ema_last_step:
             return
         self._ema_last_step = self.global_step
