@@ -41,6 +41,7 @@ class Variant:
     checkpointing: bool = False
     optimizer: str = "adamw"
     lora: str = "none"  # conf/lora/<name>: "unet" trains adapters only (ours)
+    channels_last: bool = False  # task.module.channels_last (ours)
 
     @property
     def setting(self) -> tuple[bool, str]:
@@ -57,8 +58,9 @@ TINY_VARIANTS = (
     Variant("reference 8bit", "reference", optimizer="adamw8bit"),
     Variant("ours+cache 8bit", "ours", cache=True, optimizer="adamw8bit"),
     Variant("ours+cache lora", "ours", cache=True, lora="unet"),
+    Variant("ours+cache channels-last", "ours", cache=True, channels_last=True),
 )
-SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True),
+SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True), Variant("ours", "ours"),
                  Variant("ours+cache lora", "ours", cache=True, lora="unet"))
 
 
@@ -77,11 +79,24 @@ class Setup:
     num_workers: int = 0
 
 
-def optimizer_factory(name: str):
-    """The partial conf/optimizer/<name>.yaml builds (the trainable parameters come later)."""
+# implementation switches of torch optimizers that diffusers' example scripts do not pass
+IMPLEMENTATION_KEYS = ("fused", "foreach")
+
+
+def optimizer_factory(name: str, reference: bool = False):
+    """The partial conf/optimizer/<name>.yaml builds (the trainable parameters come later).
+
+    The reference gets the same hyper-parameters without implementation switches: diffusers'
+    train_text_to_image.py builds `torch.optim.AdamW(params, lr, betas, weight_decay, eps)`, torch's
+    per-tensor default on the CPU.
+    """
     from hydra.utils import instantiate
 
-    return instantiate(setups.config_group("optimizer", name))
+    config = setups.config_group("optimizer", name)
+    if reference:
+        for key in IMPLEMENTATION_KEYS:
+            config.pop(key, None)
+    return instantiate(config)
 
 
 def load_model(setup: Setup, cache_dir: Path):
@@ -115,6 +130,7 @@ def train_config(setup: Setup, variant: Variant):
         "task=text2image", f"optimizer={variant.optimizer}", "seed=0",
         f"task.module.gradient_checkpointing={variant.checkpointing}",
         f"task.module.train_text_encoder={setup.train_text_encoder}", f"lora={variant.lora}",
+        f"task.module.channels_last={variant.channels_last}",
     ])
 
 
@@ -163,7 +179,7 @@ def run_reference(components, setup: Setup, variant: Variant, device: torch.devi
     dataset = PreparedImageDataset(setup.prepared, "text2image", components.tokenizer)
     clock, losses = reference_train(
         components, dataset, batch_size=setup.batch, steps=setup.steps, warmup=setup.warmup,
-        optimizer_factory=optimizer_factory(variant.optimizer), device=device, precision=setup.precision,
+        optimizer_factory=optimizer_factory(variant.optimizer, reference=True), device=device, precision=setup.precision,
         gradient_checkpointing=variant.checkpointing, train_text_encoder=setup.train_text_encoder,
         num_workers=setup.num_workers)
     return clock, {"loss": losses[-1]}
@@ -270,7 +286,7 @@ def compare(rows: list[dict]) -> None:
 
 def summary_ratios(rows: list[dict]) -> dict:
     keys = {"ours+cache": "cache_vs_ref", "ours": "nocache_vs_ref", "ours+cache+ckpt": "ckpt_cache_vs_ref_ckpt",
-            "ours+cache 8bit": "8bit_cache_vs_ref_8bit"}
+            "ours+cache 8bit": "8bit_cache_vs_ref_8bit", "ours+cache channels-last": "channels_last_vs_ref"}
     ratios = {f"{r['model']}.{keys[r['variant']]}": r.get("vs_reference") for r in rows if r.get("variant") in keys}
     ratios |= {f"{r['model']}.cache_vs_ref_cpu": r.get("vs_reference_cpu") for r in rows if r.get("variant") == "ours+cache"}
     by_name = {(r.get("model"), r.get("variant")): r for r in rows}

@@ -209,3 +209,7 @@ def test_run_all_summary_marks_goals():
     met = {row["ratio"]: row["met"] for row in rows}
     assert met == {"train.tiny.cache_vs_ref": False, "train.sd15_arch.cache_vs_ref": None,
                    "overhead.trainer_vs_bare": True, "infer (failed)": None}
+    line = run_all.goal_report(rows, {"train", "overhead"})
+    assert line.startswith("GOALS met: 1 of 2; not met: train.tiny.cache_vs_ref 1.20x < 1.30x")
+    assert "not measured: train.sd15_arch.cache_vs_ref, train.tiny.nocache_vs_ref" in line
+    assert "prepare." not in line and "infer." not in line  # benchmarks not run are not counted as missing

@@ -120,12 +120,25 @@ def test_inpaint_grid_without_masks_says_what_it_needs(model_cache):
 
 def test_training_stats_logs_throughput_memory_and_grad_norm(model_cache):
     m = Text2ImageModule(tiny(model_cache), adamw())
-    fit = trainer(max_steps=2, callbacks=[TrainingStats()])
+    fit = trainer(max_steps=2, log_every_n_steps=1, callbacks=[TrainingStats()])
     fit.fit(m, loader(toy_items(m.components)))
     metrics = fit.callback_metrics
     assert metrics["perf/images_per_s"] > 0
     assert metrics["perf/peak_mem_mb"] > 10
     assert metrics["train/grad_norm"] > 0
+
+
+def test_training_stats_measure_only_on_logged_steps(model_cache, monkeypatch):
+    """The gradient norm is a pass over every gradient: taken on the steps Lightning logs, not on every step."""
+    import mame_lightning.models.callbacks as callbacks
+
+    calls = []
+    monkeypatch.setattr(callbacks, "gradient_norm", lambda module: calls.append(1) or torch.tensor(1.0))
+    m = Text2ImageModule(tiny(model_cache), adamw())
+    fit = trainer(max_steps=6, log_every_n_steps=3, callbacks=[TrainingStats()])
+    fit.fit(m, loader(toy_items(m.components)))
+    assert len(calls) == 2  # steps 3 and 6
+    assert "train/lr" in fit.callback_metrics
 
 
 def test_gradient_norm_is_the_total_l2_norm_of_trainable_grads():

@@ -100,8 +100,11 @@ def test_class_images_are_the_base_models_own_samples(prior_setup):
 def prior_batch(prior_setup):
     from mame_lightning.runs.training import build_datamodule
 
+    from omegaconf import OmegaConf
+
     cfg, components, folder = prior_setup
-    datamodule = build_datamodule(cfg, components)
+    pixels = OmegaConf.merge(cfg, {"dataset": {"latent_cache": False}})  # pixel rows (the cache has its own test)
+    datamodule = build_datamodule(pixels, components)
     assert datamodule.prior_images == folder
     datamodule.setup("fit")
     return datamodule, next(iter(datamodule.train_dataloader()))

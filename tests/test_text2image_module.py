@@ -39,7 +39,7 @@ def fixed_loss(m, batch, seeds=range(4)) -> float:
 def test_training_changes_unet_and_text_encoder_but_not_the_vae(model_cache):
     m = module(model_cache, ema={"decay": 0.9})
     vae, unet, text = weights(m.vae), weights(m.unet), weights(m.text_encoder)
-    fit = trainer(max_steps=3)
+    fit = trainer(max_steps=3, log_every_n_steps=1)
     fit.fit(m, loader(toy_items(m.components)))
     assert fit.global_step == 3
     assert same_weights(vae, weights(m.vae))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mame_lightning.io import write_png
 from mame_lightning.models.ema import ema_weights
-from mame_lightning.models.loggers import log_image
+from mame_lightning.models.loggers import log_image, logging_step
 from mame_lightning.models.schedulers import SCHEDULERS, make_scheduler
 
 
@@ -219,7 +219,8 @@ def batch_size_of(batch: Mapping) -> int:
 
 class TrainingStats(L.Callback):
     """Logs perf/images_per_s (global batch / per-batch wall clock), perf/peak_mem_mb and
-    train/grad_norm (before clipping; Lightning unscales mixed-precision gradients first)."""
+    train/grad_norm (before clipping; Lightning unscales mixed-precision gradients first), every
+    trainer.log_every_n_steps steps."""
 
     def __init__(self):
         self._started: float | None = None
@@ -228,7 +229,7 @@ class TrainingStats(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._started is None:
+        if self._started is None or not logging_step(trainer):
             return
         seconds = max(time.perf_counter() - self._started, 1e-9)
         size = batch_size_of(batch)
@@ -238,6 +239,8 @@ class TrainingStats(L.Callback):
                       batch_size=size)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not logging_step(trainer):  # a pass over every gradient: only on the steps that are logged
+            return
         norm = gradient_norm(pl_module)
         if norm is not None:
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)

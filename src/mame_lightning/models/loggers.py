@@ -67,4 +67,11 @@ def finish(loggers: Iterable[Logger], failed: bool = False) -> None:
             wandb.finish(exit_code=1 if failed else 0)
 
 
-__all__ = ["ALLOW_FILE_STORE", "local_uri", "mlflow_logger", "log_image", "log_hyperparams", "finish"]
+def logging_step(trainer) -> bool:
+    """True on the steps Lightning writes step logs (every trainer.log_every_n_steps, as its LearningRateMonitor)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+__all__ = ["ALLOW_FILE_STORE", "local_uri", "mlflow_logger", "log_image", "log_hyperparams", "finish", "logging_step"]
+

@@ -12,19 +12,19 @@ import logging
 from collections.abc import Callable, Mapping
 
 import lightning as L
-import numpy as np
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
 from mame_lightning.models import diffusion
+from mame_lightning.models.acceleration import ATTENTION_BACKENDS, set_attention_backend, use_channels_last
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step
+from mame_lightning.models.loggers import logging_step
 from mame_lightning.models.lora import (CHECKPOINT_KEY, adapter_state, add_lora, check_adapter_state,
                                         check_checkpoint_kind)
 from mame_lightning.models.optimization import constant_schedule
+from mame_lightning.models.reproducible import TRAIN_STREAM, VAL_STREAM, step_generator
+from mame_lightning.models.text_embeddings import PromptEmbeddingCache
 
 log = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "default")
 NONFINITE_POLICIES = ("stop", "skip")
 NONFINITE_HINT = (
     "likely causes: a learning rate too high (lower optimizer.lr or add lr_scheduler.num_warmup_steps=N), "
@@ -39,22 +39,6 @@ class TrainingDiverged(RuntimeError):
     """The loss went NaN/inf (nonfinite=stop) or too many steps were skipped (nonfinite=skip)."""
 
 
-# Generator streams keep training and validation draws apart even at the same step/batch.
-TRAIN_STREAM, VAL_STREAM = 0, 1
-
-
-def step_generator(
-    seed: int, step: int, batch_idx: int, rank: int, device: torch.device | str, stream: int = TRAIN_STREAM
-) -> torch.Generator:
-    """A generator whose state depends only on its arguments, never on the global RNG.
-
-    SeedSequence mixes the tuple so neighbouring steps get unrelated streams.
-    """
-    words = np.random.SeedSequence([int(seed), int(stream), int(step), int(batch_idx), int(rank)])
-    high, low = (int(w) for w in words.generate_state(2, dtype=np.uint32))
-    return torch.Generator(device=device).manual_seed(((high << 32) | low) & (2**63 - 1))
-
-
 def plain_options(options: Mapping | None) -> dict | None:
     """A mapping from the config (an OmegaConf node) as a plain dict."""
     if options is None:
@@ -62,25 +46,6 @@ def plain_options(options: Mapping | None) -> dict | None:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else dict(options)
-
-
-def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
-    """sdpa: torch scaled_dot_product_attention; default: the plain maths; xformers: if installed."""
-    if backend == "sdpa":
-        unet.set_attn_processor(AttnProcessor2_0())
-    elif backend == "default":
-        unet.set_attn_processor(AttnProcessor())
-    elif backend == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError as error:
-            raise ImportError(
-                "attention_backend=xformers needs the xformers package: run "
-                "`pip install mame_lightning[gpu]` on a CUDA machine, or use attention_backend=sdpa"
-            ) from error
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
 
 class Text2ImageModule(L.LightningModule):
@@ -108,6 +73,8 @@ class Text2ImageModule(L.LightningModule):
         max_consecutive_skipped: int = 10,
         seed: int = 0,
         lora: Mapping | None = None,
+        cache_text_embeddings: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -140,6 +107,7 @@ class Text2ImageModule(L.LightningModule):
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
         set_attention_backend(self.unet, attention_backend)
+        self.setup_speed(channels_last, cache_text_embeddings)
         self.ema = build_ema(self.unet, ema) if self.hparams.train_unet else None
         self.skipped_steps = 0  # micro-batches skipped for a non-finite loss (nonfinite=skip)
         self.attempted_steps = 0  # micro-batches trained on or skipped
@@ -147,6 +115,14 @@ class Text2ImageModule(L.LightningModule):
         self._ema_last_step: int | None = None
         self._micro_step: int | None = None
         self._micro_index = 0
+
+    def setup_speed(self, channels_last: bool, cache_text_embeddings: bool) -> None:
+        """Switches that change how fast a step runs, not what it computes (models/acceleration.py)."""
+        if channels_last:
+            use_channels_last(self.unet, self.vae)
+        frozen_encoder = cache_text_embeddings and not self.hparams.train_text_encoder
+        self.prompt_cache = PromptEmbeddingCache(self.frozen_prompt_hidden) if frozen_encoder else None
+        self._empty_ids: dict[tuple[int, str], torch.Tensor] = {}
 
     # -- structure --------------------------------------------------------------------------
     def expected_in_channels(self) -> int:
@@ -214,18 +190,26 @@ class Text2ImageModule(L.LightningModule):
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     def empty_prompt_ids(self, length: int) -> torch.Tensor:
-        """Token ids of the empty prompt (the unconditional branch of classifier-free guidance)."""
-        ids = self.tokenizer(
-            "", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return ids[0].to(self.device)
+        """Token ids of the empty prompt (the unconditional branch of classifier-free guidance), tokenised once."""
+        key = (int(length), str(self.device))
+        if key not in self._empty_ids:
+            ids = self.tokenizer("", padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            self._empty_ids[key] = ids.input_ids[0].to(self.device)
+        return self._empty_ids[key]
+
+    def frozen_prompt_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.outside_autocast():
+            return self.text_encoder(input_ids.to(self.device))[0]
 
     def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden states; a frozen encoder's come from the prompt cache (task.module.cache_text_embeddings)."""
         if self.hparams.train_text_encoder:
             hidden = self.text_encoder(input_ids.to(self.device))[0]
+        elif self.prompt_cache is not None:
+            with self.outside_autocast():
+                hidden = self.prompt_cache.embed(input_ids.to(self.device))
         else:
-            with torch.no_grad(), self.outside_autocast():
-                hidden = self.text_encoder(input_ids.to(self.device))[0]
+            hidden = self.frozen_prompt_hidden(input_ids)
         return hidden.to(self.unet.dtype)
 
     def unet_input(self, noisy: torch.Tensor, batch: Mapping, generator: torch.Generator) -> torch.Tensor:
@@ -288,7 +272,7 @@ class Text2ImageModule(L.LightningModule):
             return self.nonfinite_loss(loss, batch_idx, batch_size)
         self.consecutive_skipped = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
-        if self._trainer is not None and self.trainer.optimizers:
+        if self._trainer is not None and self.trainer.optimizers and logging_step(self.trainer):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
@@ -374,6 +358,8 @@ class Text2ImageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_kind(checkpoint, self.lora)
+        if self.prompt_cache is not None:  # the frozen encoder's weights may come from the checkpoint
+            self.prompt_cache.clear()
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self.attempted_steps = int(checkpoint.get("attempted_steps", checkpoint.get("global_step", 0)))
         self.consecutive_skipped = int(checkpoint.get("consecutive_skipped", 0))

@@ -25,6 +25,7 @@ from mame_lightning.models.components import resolve_noise_schedule
 from mame_lightning.models.ema import build_ema, ema_on_device, ema_step, ema_weights
 from mame_lightning.models.optimization import constant_schedule
 from mame_lightning.models.schedulers import make_scheduler
+from mame_lightning.models.loggers import logging_step
 from mame_lightning.models.text2image import VAL_STREAM, TrainingDiverged, plain_options, step_generator
 
 
@@ -184,7 +185,7 @@ class UnconditionalModule(L.LightningModule):
                                    "lower optimizer.lr")
         size = len(batch["input_ids"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
-        if self._trainer is not None and self.trainer.optimizers:
+        if self._trainer is not None and self.trainer.optimizers and logging_step(self.trainer):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                      batch_size=size)
         return loss
