@@ -188,14 +188,16 @@ def contenders(folder: Path, task: str, device: torch.device, size: int, tweaks:
     return out
 
 
-def timed(entry: Contender, seeds: list[int], device: torch.device) -> tuple[float, float, list[np.ndarray]]:
-    """(seconds for the call, seconds until its first image, images)."""
+def timed(entry: Contender, seeds: list[int], device: torch.device) -> tuple[float, float, list[np.ndarray], float]:
+    """(seconds for the call, seconds until its first image, images, process CPU seconds for the call).
+
+    CPU seconds (all threads) barely move when other jobs share the cores; wall seconds do."""
     synchronize(device)
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     images, first = entry.draw(seeds)
     synchronize(device)
     seconds = time.perf_counter() - began
-    return seconds, seconds if first is None else first, images
+    return seconds, seconds if first is None else first, images, time.process_time() - cpu
 
 
 def region_of(task: str, size: int):
@@ -224,16 +226,18 @@ def measure(task: str, entries: list[Contender], device: torch.device, images: i
     if process_warmup is not None:
         process_warmup.draw([0])
     times: dict[str, list[float]] = {c.name: [] for c in entries}
+    cpu_times: dict[str, list[float]] = {c.name: [] for c in entries}
     drawn: dict[str, dict[int, np.ndarray]] = {c.name: {} for c in entries}
     first_call: dict[str, float] = {}
     for index in range(warmup + images):
         for entry in entries:
             seeds = list(range(index * entry.batch, (index + 1) * entry.batch))
-            seconds, first, out = timed(entry, seeds, device)
+            seconds, first, out, cpu = timed(entry, seeds, device)
             if index == 0:
                 first_call[entry.name] = first
             if index >= warmup:
                 times[entry.name].append(seconds / len(seeds))
+                cpu_times[entry.name].append(cpu / len(seeds))
             drawn[entry.name].update(zip(seeds, out))
     reference = next(c for c in entries if c.kind == "baseline")
     exact_ours = next(c for c in entries if c.kind == "ours")
@@ -248,7 +252,8 @@ def measure(task: str, entries: list[Contender], device: torch.device, images: i
         stats = step_stats(times[entry.name])
         diff = max(int(np.abs(a - b).max()) for a, b in zip(crops(entry.name), crops(reference.name)))
         row = {"task": task, "variant": entry.name, "kind": entry.kind, "batch": entry.batch,
-               "s_per_image": stats["median_s"], "mean_s": stats["mean_s"], "images": stats["n"] * entry.batch,
+               "s_per_image": stats["median_s"], "mean_s": stats["mean_s"],
+               "cpu_s_per_image": float(np.median(cpu_times[entry.name])), "images": stats["n"] * entry.batch,
                "load_s": entry.setup_s, "first_image_s": first_call[entry.name], "max_diff_vs_same_settings": diff,
                "compared_seeds": len(seeds), "ssim": None, "fidelity_delta": None}
         if entry.kind == "approx":
@@ -346,6 +351,7 @@ def summary_ratios(rows: list[dict], default_name: str = "ours") -> dict:
 
 
 COLUMNS = [("task", "task"), ("variant", "variant"), ("s_per_image", "s/image"), ("speedup_vs_same_settings", "speed-up"),
+           ("cpu_s_per_image", "cpu s/image"),
            ("first_image_s", "first image s"), ("load_s", "load s"), ("max_diff_vs_same_settings", "max |diff| vs stock"),
            ("equal_output", "equal output"), ("fidelity_delta", "fidelity delta"), ("best_ours", "fastest ours")]
 

@@ -166,6 +166,8 @@ def test_first_image_comes_alone_then_full_batches():
     assert chunk_sizes(10, 4) == [1, 4, 4, 1]
     assert chunk_sizes(3, 1) == [1, 1, 1]
     assert sum(chunk_sizes(37, 8)) == 37
+    capped = GenerationSettings(batch_size=8, max_batch_pixels=4 * 64 * 64)
+    assert capped.batch_for(64, 64) == 4 and capped.batch_for(512, 512) == 1 and capped.batch_for(32, 32) == 8
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:

@@ -39,6 +39,7 @@ class GenerationSettings:
     progress: bool = True
     accelerate: str = "none"  # none | deepcache (changes pixels slightly: see docs/benchmarks.md)
     deepcache_interval: int = 3
+    max_batch_pixels: int = 4 * 512 * 512  # memory cap: a call holds at most this many output pixels
 
     def __post_init__(self) -> None:
         """Refuse settings no sampler can run, naming the allowed range (before any model is loaded)."""
@@ -50,6 +51,11 @@ class GenerationSettings:
         if self.accelerate not in ACCELERATE:
             raise ValueError(f"accelerate={self.accelerate!r}: choose from {', '.join(ACCELERATE)}")
         check_range("deepcache.interval", self.deepcache_interval, 1, MAX_STEPS, whole=True)
+        check_range("max_batch_pixels", self.max_batch_pixels, 1, 2**40, whole=True)
+
+    def batch_for(self, height: int, width: int) -> int:
+        """batch_size, lowered so that one call's images hold at most max_batch_pixels pixels."""
+        return max(1, min(int(self.batch_size), int(self.max_batch_pixels) // max(1, int(height) * int(width))))
 
 
 MAX_STEPS, MAX_GUIDANCE, MAX_SEED, MAX_BATCH = 1000, 100.0, 2**63 - 1, 1024
@@ -96,8 +102,11 @@ def to_gray_uint8(images: np.ndarray) -> list[np.ndarray]:
 
 
 def sampling_params(model: LoadedModel, prompt: str, settings: GenerationSettings) -> dict:
-    """The parameters every output records (PNG text chunks, index CSV)."""
-    return {
+    """The parameters every output records (PNG text chunks, index CSV); an approximation that
+    changes pixels is recorded too, so the image can be drawn again the same way."""
+    accelerate = {} if settings.accelerate == "none" else {
+        "accelerate": f"{settings.accelerate} interval {int(settings.deepcache_interval)}"}
+    return {**accelerate,
         "prompt": prompt,
         "negative_prompt": settings.negative_prompt or "",
         "guidance": float(settings.guidance),
@@ -118,13 +127,13 @@ def chunk_sizes(n: int, batch: int) -> list[int]:
 
 
 def run_batches(n: int, settings: GenerationSettings, draw: Callable[[list[int]], list[np.ndarray]],
-                params: dict, desc: str) -> list[Generated]:
+                params: dict, desc: str, batch: int) -> list[Generated]:
     """Call `draw(seeds)` batch by batch under a progress bar; time each image."""
     seeds = image_seeds(settings.seed, n)
     results: list[Generated] = []
     start = 0
     with tqdm(total=len(seeds), desc=desc, unit="image", disable=not settings.progress) as bar:
-        for size in chunk_sizes(n, settings.batch_size):
+        for size in chunk_sizes(n, batch):
             chunk = seeds[start : start + size]
             began = time.perf_counter()
             images = draw(chunk)
@@ -183,7 +192,7 @@ def text2image(model: LoadedModel, prompt: str, n: int = 1, settings: Generation
             out = model.pipe(height=size, width=size, **_common_kwargs(model, prompt, settings, seeds))
         return to_gray_uint8(out.images)
 
-    return run_batches(n, settings, draw, sampling_params(model, prompt, settings), "text2image")
+    return run_batches(n, settings, draw, sampling_params(model, prompt, settings), "text2image", settings.batch_for(size, size))
 
 
 def repaint_region(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -225,7 +234,7 @@ def inpaint(model: LoadedModel, image: np.ndarray, mask: np.ndarray, prompt: str
         return [keep_outside(image, p, mask, radius) if keep_unmasked else p for p in painted]
 
     params = {**sampling_params(model, prompt, settings), "strength": float(strength)}
-    results = run_batches(n, settings, draw, params, "inpaint")
+    results = run_batches(n, settings, draw, params, "inpaint", settings.batch_for(height, width))
     for result in results:
         result.mask = mask
     return results
