@@ -28,16 +28,13 @@ import torch
 from PIL import Image
 
 import setups
+from infer_quality import DEFAULT_FIDELITY_MODEL, SSIM_BAR, add_fidelity, equal_output, mean_ssim
 from common import (REPO_ROOT, add_common_args, device_info, device_label, finish_args, format_table, make_record,
                     quiet_warnings, ratio, ratio_line, record_result, resolve_device, step_stats, synchronize)
 
 NAME = "infer"
 PROMPTS = {"text2image": "a mammogram in CC view with medium area", "inpaint": "a mammogram with a lesion"}
 GUIDANCE, DEFAULT_GUIDANCE = 4.0, 7.5
-
-
-SSIM_BAR, FIDELITY_BAR = 0.95, 0.02
-DEFAULT_FIDELITY_MODEL = Path("outputs/demo/text2image/export")
 
 
 @dataclass
@@ -208,15 +205,6 @@ def region_of(task: str, size: int):
     return slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
 
 
-def mean_ssim(images: list[np.ndarray], references: list[np.ndarray]) -> float:
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    def stack(arrays):
-        return torch.from_numpy(np.stack(arrays).astype(np.float32))[:, None]
-
-    return float(structural_similarity_index_measure(stack(images), stack(references), data_range=255.0))
-
-
 def measure(task: str, entries: list[Contender], device: torch.device, images: int, warmup: int,
             process_warmup: Contender | None = None) -> list[dict]:
     """Round r: every contender draws its next call (seeds r*batch ..), one after the other.
@@ -274,54 +262,6 @@ def first_image_latency(makers: dict[str, Callable[[], Contender]], repeats: int
         for name, make in makers.items():
             samples[name].append(timed(make(), [0], device)[1])
     return {name: (float(np.median(values)), values) for name, values in samples.items()}
-
-
-def equal_output(row: dict) -> str:
-    """exact (<= 1 grey level from stock), ssim X (approximate, met the bars) or not met."""
-    if row["variant"] == "diffusers PNDM defaults":
-        return "other sampler"
-    if row["kind"] in ("baseline", "ours"):
-        return "exact" if row["max_diff_vs_same_settings"] <= 1 else "not met"
-    met = row["ssim"] is not None and row["ssim"] >= SSIM_BAR
-    met = met and (row["fidelity_delta"] is None or abs(row["fidelity_delta"]) <= FIDELITY_BAR)
-    return f"ssim {row['ssim']:.3f}" + ("" if met else " (not met)")
-
-
-def fidelity_agreement(folder: Path, device: torch.device, batch: int, accelerate: str, interval: int,
-                       prompts: int = 4, per_prompt: int = 4) -> float:
-    """Mean prompt-fidelity agreement (area, view) of a trained text-to-image model's images,
-    as `evaluate mode=fidelity` measures it, on a fixed seed set."""
-    from mame_lightning.eval.fidelity import agreement, measure_image
-    from mame_lightning.pipelines.generation import GenerationSettings, text2image
-    from mame_lightning.pipelines.loading import load_folder
-    from mame_lightning.pipelines.prompting import build_prompt
-    from mame_lightning.runs.evaluation.inputs import attribute_combinations
-
-    model = load_folder(folder, device=str(device), dtype="auto", scheduler="dpmsolver++")
-    expected, measured = {"area": [], "view": []}, {"area": [], "view": []}
-    for combo in attribute_combinations(model.metadata, prompts):
-        settings = GenerationSettings(guidance=GUIDANCE, steps=24, seed=0, batch_size=batch, progress=False,
-                                      accelerate=accelerate, deepcache_interval=interval)
-        for result in text2image(model, build_prompt(model.metadata, attributes=combo), per_prompt, settings):
-            seen = measure_image(result.image)
-            for key in expected:
-                if combo.get(key) is not None and seen[key] is not None:
-                    expected[key].append(str(combo[key]))
-                    measured[key].append(seen[key])
-    scores = [agreement(expected[k], measured[k]) for k in expected if expected[k]]
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-def add_fidelity(rows: list[dict], folder: Path, device: torch.device) -> None:
-    """fidelity_delta (approximate - exact agreement) on the approximate text-to-image rows."""
-    exact: dict[int, float] = {}
-    for row in rows:
-        if row["task"] != "text2image" or row["kind"] != "approx":
-            continue
-        interval = int(row["variant"].rsplit(" ", 1)[-1])
-        if row["batch"] not in exact:
-            exact[row["batch"]] = fidelity_agreement(folder, device, row["batch"], "none", 1)
-        row["fidelity_delta"] = fidelity_agreement(folder, device, row["batch"], "deepcache", interval) - exact[row["batch"]]
 
 
 def summary_ratios(rows: list[dict], default_name: str = "ours") -> dict:
@@ -385,7 +325,7 @@ def run(args) -> dict:
                 rows += task_rows
         if fidelity_model is not None and "text2image" in args.tasks:
             print(f"[infer] prompt fidelity with {fidelity_model} ...", flush=True)
-            add_fidelity(rows, Path(fidelity_model), device)
+            add_fidelity(rows, Path(fidelity_model), device, GUIDANCE)
     for row in rows:
         row["equal_output"] = equal_output(row)
     ratios = summary_ratios(rows, default)
