@@ -66,4 +66,5 @@ def add_fidelity(rows: list[dict], folder: Path, device: torch.device, guidance:
         interval = int(row["variant"].rsplit(" ", 1)[-1])
         if row["batch"] not in exact:
             exact[row["batch"]] = fidelity_agreement(folder, device, guidance, row["batch"], "none", 1)
-        row["fidelity_delta"] = fidelity_agreement(folder, device, guidance, row["batch"], "deepcache", interval) - exact[row["batch"]]
+        approx = fidelity_agreement(folder, device, guidance, row["batch"], "deepcache", interval)
+        row["fidelity_delta"] = approx - exact[row["batch"]]

@@ -8,7 +8,8 @@ block below the outermost level keeps its output (so the input of the last up bl
 cached step those blocks hand back the kept outputs without running, and only conv_in, the time
 embedding, the first down block, the last up block (kept deep features + fresh skip connections)
 and the output convolutions run. A full step comes every `interval` UNet calls (one call per
-sampling step, classifier-free guidance included); interval 1 is the plain UNet.
+sampling step, classifier-free guidance included); interval 1 is the plain UNet. The hooks live
+for one sampling call; two calls at once on one UNet would share them (the app does not use it).
 """
 
 from __future__ import annotations

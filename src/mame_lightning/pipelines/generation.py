@@ -192,7 +192,8 @@ def text2image(model: LoadedModel, prompt: str, n: int = 1, settings: Generation
             out = model.pipe(height=size, width=size, **_common_kwargs(model, prompt, settings, seeds))
         return to_gray_uint8(out.images)
 
-    return run_batches(n, settings, draw, sampling_params(model, prompt, settings), "text2image", settings.batch_for(size, size))
+    params = sampling_params(model, prompt, settings)
+    return run_batches(n, settings, draw, params, "text2image", settings.batch_for(size, size))
 
 
 def repaint_region(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -240,5 +241,5 @@ def inpaint(model: LoadedModel, image: np.ndarray, mask: np.ndarray, prompt: str
     return results
 
 
-__all__ = ["GenerationSettings", "Generated", "check_range", "chunk_sizes", "image_seeds", "prompt_embeddings", "text2image", "inpaint", "keep_outside",
-           "repaint_region", "to_gray_uint8"]
+__all__ = ["GenerationSettings", "Generated", "check_range", "chunk_sizes", "image_seeds", "prompt_embeddings",
+           "text2image", "inpaint", "keep_outside", "repaint_region", "to_gray_uint8"]
