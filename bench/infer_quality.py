@@ -33,7 +33,7 @@ def equal_output(row: dict) -> str:
 
 
 def fidelity_agreement(folder: Path, device: torch.device, guidance: float, batch: int, accelerate: str,
-                       interval: int, prompts: int = 4, per_prompt: int = 4) -> float:
+                       interval: int, prompts: int = 8, per_prompt: int = 8) -> float:
     """Mean prompt-fidelity agreement (area, view) of a trained text-to-image model's images,
     as `evaluate mode=fidelity` measures it, on a fixed seed set."""
     from mame_lightning.eval.fidelity import agreement, measure_image
