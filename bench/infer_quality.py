@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 SSIM_BAR, FIDELITY_BAR = 0.95, 0.02
-DEFAULT_FIDELITY_MODEL = Path("outputs/demo/text2image/export")
+DEFAULT_FIDELITY_MODEL = Path(__file__).resolve().parent.parent / "outputs/demo/text2image/export"  # make demo
 
 
 def mean_ssim(images: list[np.ndarray], references: list[np.ndarray]) -> float:
