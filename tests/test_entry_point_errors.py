@@ -62,6 +62,8 @@ def test_missing_images_are_found_before_the_model_is_built(tmp_path, monkeypatc
     (["n=0"], "n=0: use a whole number from 1"),
     (["seed=-5"], "seed=-5: use a whole number from 0"),
     (["strength=0"], "strength=0: use a number from 0.01 to 1"),
+    (["accelerate=fast"], "accelerate='fast': choose from none, deepcache"),
+    (["accelerate=deepcache", "deepcache.interval=0"], "deepcache.interval=0: use a whole number from 1"),
 ])
 def test_generate_refuses_impossible_settings_before_loading_a_model(tmp_path, monkeypatch, args, message):
     from mame_lightning import generate

@@ -117,3 +117,12 @@ def test_mode_and_model_must_agree(monkeypatch, t2i_dir, inpaint_dir, tmp_path):
         run_cli(monkeypatch, f"model_path={inpaint_dir}", f"out={tmp_path}", *FAST)
     with pytest.raises(SystemExit, match="needs a text2image model"):
         run_cli(monkeypatch, "mode=text2image", f"model_path={inpaint_dir}", f"out={tmp_path}", *FAST)
+
+
+def test_deepcache_from_the_command_line_is_recorded_in_every_png(monkeypatch, t2i_dir, tmp_path):
+    out = tmp_path / "quick"
+    run_cli(monkeypatch, f"model_path={t2i_dir}", "prompt=a mammogram in CC view", "n=2", "batch_size=2",
+            "accelerate=deepcache", "deepcache.interval=2", f"out={out}", *FAST)
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    assert {read_png_text(p)["accelerate"] for p in pngs} == {"deepcache interval 2"}

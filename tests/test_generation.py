@@ -7,10 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers.generation import ATTRIBUTES, SIZE, breast_image, sidecar, tiny_export
-from mame_lightning.pipelines.generation import GenerationSettings, inpaint, repaint_region, text2image
+from mame_lightning.pipelines.generation import (GenerationSettings, chunk_sizes, generators, inpaint, repaint_region,
+                                                 text2image, to_gray_uint8)
 from mame_lightning.pipelines.inputs import InputError, inpaint_mask, load_input_image, parse_box
 from mame_lightning.pipelines.loading import SCHEDULERS, ModelNotFoundError, detect_task, load_model
 from mame_lightning.pipelines.prompting import UnknownAttributeError, build_prompt, infer_view
@@ -156,6 +158,53 @@ def test_seeds_reproduce_each_image_alone_and_differ_between_images(t2i_model):
     assert np.abs(again.image.astype(int) - batch[0].image).max() <= 1
     assert _diff(batch[0].image, batch[1].image) > 2
     assert all(r.seconds > 0 for r in batch)
+
+
+def test_first_image_comes_alone_then_full_batches():
+    assert chunk_sizes(1, 4) == [1]
+    assert chunk_sizes(4, 4) == [1, 3]
+    assert chunk_sizes(10, 4) == [1, 4, 4, 1]
+    assert chunk_sizes(3, 1) == [1, 1, 1]
+    assert sum(chunk_sizes(37, 8)) == 37
+    capped = GenerationSettings(batch_size=8, max_batch_pixels=4 * 64 * 64)
+    assert capped.batch_for(64, 64) == 4 and capped.batch_for(512, 512) == 1 and capped.batch_for(32, 32) == 8
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_batched_images_equal_one_by_one_images(t2i_model, inpaint_model):
+    prompt = "a siemens mammogram in MLO view with high density and small area"
+    settings = dict(negative_prompt="white background", **FAST)
+    batch = text2image(t2i_model, prompt, 5, GenerationSettings(seed=11, batch_size=4, **settings))  # calls of 1 and 4
+    for result in batch:
+        alone = text2image(t2i_model, prompt, 1, GenerationSettings(seed=result.seed, **settings))[0]
+        assert _max_diff(alone.image, result.image) <= 1  # batched vs single matmuls
+    image, mask = breast_image(), np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:40, 20:44] = 255
+    painted = inpaint(inpaint_model, image, mask, "a mammogram with a lesion", 3, GenerationSettings(seed=2, batch_size=2, **FAST))
+    for result in painted:
+        alone = inpaint(inpaint_model, image, mask, "a mammogram with a lesion", 1, GenerationSettings(seed=result.seed, **FAST))[0]
+        assert _max_diff(alone.image, result.image) <= 1
+    assert _diff(painted[0].image[mask > 0], painted[1].image[mask > 0]) > 1
+
+
+def test_cached_prompt_embeddings_draw_what_text_prompts_draw(t2i_model):
+    prompt, negative = "a hologic mammogram in CC view", "white background"
+    t2i_model.prompt_cache.clear()
+    ours = text2image(t2i_model, prompt, 2, GenerationSettings(seed=4, batch_size=2, negative_prompt=negative, **FAST))
+    assert len(t2i_model.prompt_cache) == 1
+    again = text2image(t2i_model, prompt, 1, GenerationSettings(seed=4, negative_prompt=negative, **FAST))[0]
+    assert len(t2i_model.prompt_cache) == 1  # reused, not encoded again
+    with torch.inference_mode():
+        out = t2i_model.pipe(prompt=[prompt] * 2, negative_prompt=[negative] * 2, num_inference_steps=2, guidance_scale=4.0,
+                             generator=generators([4, 5]), height=SIZE, width=SIZE, output_type="np")
+    stock = to_gray_uint8(out.images)
+    assert max(_max_diff(a, r.image) for a, r in zip(stock, ours)) <= 1
+    assert _max_diff(again.image, stock[0]) <= 1
+    other = text2image(t2i_model, "a siemens mammogram in MLO view", 1, GenerationSettings(seed=4, negative_prompt=negative, **FAST))
+    assert len(t2i_model.prompt_cache) == 2 and _diff(other[0].image, again.image) > 0.2
 
 
 def test_negative_prompt_and_guidance_change_the_output(t2i_model):

@@ -47,6 +47,7 @@ class LoadedModel:
     metadata: dict = field(default_factory=dict)
     scheduler: str = DEFAULT_SCHEDULER
     base_scheduler_config: dict = field(default_factory=dict)
+    prompt_cache: dict = field(default_factory=dict, repr=False)  # (prompt, negative, ...) -> text embeddings
 
     @property
     def device(self) -> torch.device:

@@ -44,6 +44,8 @@ def settings_from(cfg: DictConfig) -> GenerationSettings:
     return GenerationSettings(
         guidance=float(cfg.guidance), steps=int(cfg.steps), negative_prompt=cfg.negative_prompt or None,
         seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
+        max_batch_pixels=int(cfg.max_batch_pixels), accelerate=str(cfg.accelerate),
+        deepcache_interval=int(cfg.deepcache.interval),
     )
 
 
@@ -127,7 +129,7 @@ def check_request(cfg: DictConfig) -> None:
     """Settings and the output folder, checked before a model is loaded or an image drawn."""
     check_range("n", cfg.n, 1, 100_000, whole=True)
     check_range("strength", cfg.strength, 0.01, 1.0)
-    settings_from(cfg)  # steps, guidance, seed, batch_size
+    settings_from(cfg)  # steps, guidance, seed, batch_size, accelerate
     out = Path(str(cfg.out))
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is an existing file; give a folder (new or existing) for the images")
