@@ -22,6 +22,8 @@ def test_one_pool_of_two_single_threaded_workers_serves_the_whole_run(tmp_path, 
     log.mkdir()
     monkeypatch.setenv(WORKER_LOG_ENV, str(log))
     monkeypatch.setattr(preparation, "worker_setup", counting_worker_setup)
+    # forked workers see this test's environment; a forkserver started earlier in the session would not
+    monkeypatch.setattr(preparation, "start_method", lambda: "fork")
     report = preparation.prepare_dataset(compose_prepare("synthetic", tmp_path / "raw", tmp_path / "out", *SYNTH,
                                                          "preparation.num_workers=2", "preparation.chunk_size=1"))
     assert report["run"]["processed"] == 12
