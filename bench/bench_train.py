@@ -61,7 +61,8 @@ TINY_VARIANTS = (
     Variant("ours+cache channels-last", "ours", cache=True, channels_last=True),
 )
 SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True), Variant("ours", "ours"),
-                 Variant("ours+cache lora", "ours", cache=True, lora="unet"))
+                 Variant("ours+cache lora", "ours", cache=True, lora="unet"),
+                 Variant("ours+cache channels-last", "ours", cache=True, channels_last=True))
 
 
 @dataclass
