@@ -39,12 +39,18 @@ def _idle_thread(name: str) -> tuple[threading.Thread, threading.Event]:
     return thread, stop
 
 
-def test_workers_fork_unless_another_thread_runs():
+def test_workers_fork_unless_another_thread_runs(monkeypatch):
+    # only this test's threads count (earlier tests of the session may leave threads of their own)
+    mine = [threading.main_thread()]
+    real_enumerate = threading.enumerate
+    monkeypatch.setattr(threading, "enumerate", lambda: [t for t in real_enumerate() if t in mine])
     assert preparation.start_method() == "fork"  # Linux, no CUDA started: share the parent's imports
     thread, stop = _idle_thread("tqdm_monitor")  # a progress bar's monitor does not count
+    mine.append(thread)
     try:
         assert preparation.start_method() == "fork"
         other, stop_other = _idle_thread("some-worker")
+        mine.append(other)
         try:
             assert preparation.start_method() == "forkserver"
         finally:
