@@ -14,6 +14,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ class Variant:
     optimizer: str = "adamw"
     lora: str = "none"  # conf/lora/<name>: "unet" trains adapters only (ours)
     channels_last: bool = False  # task.module.channels_last (ours)
+    vae_channels_last: bool = True  # task.module.vae_channels_last (ours; the default)
 
     @property
     def setting(self) -> tuple[bool, str]:
@@ -53,6 +55,7 @@ TINY_VARIANTS = (
     Variant("reference", "reference"),
     Variant("ours+cache", "ours", cache=True),
     Variant("ours", "ours"),
+    Variant("ours vae-nchw", "ours", vae_channels_last=False),
     Variant("reference+ckpt", "reference", checkpointing=True),
     Variant("ours+cache+ckpt", "ours", cache=True, checkpointing=True),
     Variant("reference 8bit", "reference", optimizer="adamw8bit"),
@@ -61,8 +64,10 @@ TINY_VARIANTS = (
     Variant("ours+cache channels-last", "ours", cache=True, channels_last=True),
 )
 SD15_VARIANTS = (Variant("reference", "reference"), Variant("ours+cache", "ours", cache=True), Variant("ours", "ours"),
-                 Variant("ours+cache lora", "ours", cache=True, lora="unet"),
-                 Variant("ours+cache channels-last", "ours", cache=True, channels_last=True))
+                 Variant("ours+cache lora", "ours", cache=True, lora="unet"))
+# measured once and left out of the default run (minutes each at full size); --variants NAME runs them
+SD15_EXTRA_VARIANTS = (Variant("ours+cache channels-last", "ours", cache=True, channels_last=True),
+                       Variant("ours vae-nchw", "ours", vae_channels_last=False))
 
 
 @dataclass
@@ -132,6 +137,7 @@ def train_config(setup: Setup, variant: Variant):
         f"task.module.gradient_checkpointing={variant.checkpointing}",
         f"task.module.train_text_encoder={setup.train_text_encoder}", f"lora={variant.lora}",
         f"task.module.channels_last={variant.channels_last}",
+        f"task.module.vae_channels_last={variant.vae_channels_last}",
     ])
 
 
@@ -220,13 +226,14 @@ def measure_in_child(*args) -> dict:
 def summarise(setup: Setup, variant: Variant, runs: list[dict]) -> dict:
     """Pool the step times of every round; the first round's cache time is the build, later ones reuse it."""
     wall = step_stats([t for run in runs for t in run["wall"]])
+    round_medians = [step_stats(run["wall"])["median_s"] for run in runs]
     cpu = step_stats([t for run in runs for t in run["cpu"]])
     row = {"model": setup.model, "variant": variant.name, **asdict(variant), "batch": setup.batch,
            "images_per_s": per_second(setup.batch, wall["median_s"]), "step_s": wall["median_s"],
            "step_mean_s": wall["mean_s"], "cpu_s_per_image": cpu["median_s"] / setup.batch,
            "steps_timed": wall["n"], "rounds": len(runs), "peak_mib": max(r["peak_mib"] for r in runs),
            "peak_delta_mib": max(r["peak_delta_mib"] for r in runs), "memory_kind": runs[0]["memory_kind"],
-           "loss": runs[-1].get("loss")}
+           "loss": runs[-1].get("loss"), "round_step_s": round_medians}
     for key in ("trainable_params", "optimizer_state_mib"):
         if key in runs[-1]:
             row[key] = runs[-1][key]
@@ -271,6 +278,19 @@ def measure_setup(setup: Setup, variants, device: torch.device, model_cache: Pat
             else {"model": setup.model, "variant": v.name, **asdict(v), "skipped": skipped[v.name]} for v in variants]
 
 
+def paired_ratio(row: dict, ref: dict) -> float | None:
+    """Speed vs the reference: the median over rounds of each round's ratio when both ran every round.
+
+    A round runs every variant back to back, so a change in machine speed between rounds (a shared
+    machine) cancels in that round's ratio; pooled medians would let a fast round of one side count
+    against a slow round of the other. Without per-round figures: the ratio of the pooled medians.
+    """
+    mine, theirs = row.get("round_step_s"), ref.get("round_step_s")
+    if mine and theirs and len(mine) == len(theirs):
+        return statistics.median(r / m for r, m in zip(theirs, mine))
+    return ratio(row["images_per_s"], ref["images_per_s"])
+
+
 def compare(rows: list[dict]) -> None:
     """Give each row its speed relative to the reference run with the same setting."""
     references = {(r["model"], r["checkpointing"], r["optimizer"]): r for r in rows
@@ -278,7 +298,7 @@ def compare(rows: list[dict]) -> None:
     for row in rows:
         ref = references.get((row.get("model"), row.get("checkpointing"), row.get("optimizer")))
         if ref is not None and "images_per_s" in row:
-            row["vs_reference"] = ratio(row["images_per_s"], ref["images_per_s"])
+            row["vs_reference"] = paired_ratio(row, ref)
             row["vs_reference_cpu"] = ratio(ref["cpu_s_per_image"], row["cpu_s_per_image"])
             saved = ref["step_s"] - row["step_s"]
             if row.get("cache_build_s") is not None and saved > 0:
@@ -287,7 +307,8 @@ def compare(rows: list[dict]) -> None:
 
 def summary_ratios(rows: list[dict]) -> dict:
     keys = {"ours+cache": "cache_vs_ref", "ours": "nocache_vs_ref", "ours+cache+ckpt": "ckpt_cache_vs_ref_ckpt",
-            "ours+cache 8bit": "8bit_cache_vs_ref_8bit", "ours+cache channels-last": "channels_last_vs_ref"}
+            "ours+cache 8bit": "8bit_cache_vs_ref_8bit", "ours+cache channels-last": "channels_last_vs_ref",
+            "ours vae-nchw": "nocache_vae_nchw_vs_ref"}
     ratios = {f"{r['model']}.{keys[r['variant']]}": r.get("vs_reference") for r in rows if r.get("variant") in keys}
     ratios |= {f"{r['model']}.cache_vs_ref_cpu": r.get("vs_reference_cpu") for r in rows if r.get("variant") == "ours+cache"}
     by_name = {(r.get("model"), r.get("variant")): r for r in rows}
@@ -353,7 +374,8 @@ def run(args) -> dict:
     for setup in chosen:
         variants = TINY_VARIANTS if setup.model == "tiny" else SD15_VARIANTS
         if args.variants:
-            variants = [v for v in variants if v.name in args.variants]
+            known = variants if setup.model == "tiny" else SD15_VARIANTS + SD15_EXTRA_VARIANTS
+            variants = [v for v in known if v.name in args.variants]
         if setup.model == "sd15_arch" and device.type == "cpu" and (why := sd15_fits(setup, args.cache_dir)):
             print(f"sd15_arch skipped: {why}", flush=True)
             rows += [{"model": setup.model, "variant": v.name, "skipped": why} for v in variants]
@@ -383,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="tiny model batch size")
     p.add_argument("--steps", type=int, default=8, help="timed steps per round (tiny)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per round (tiny)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every tiny variant")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every tiny variant")
     p.add_argument("--sd15-size", type=int, default=256)
     p.add_argument("--sd15-batch", type=int, default=1)
     p.add_argument("--sd15-steps", type=int, default=2, help="timed steps after one warm-up step")

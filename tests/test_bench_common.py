@@ -189,6 +189,27 @@ def test_train_rows_are_compared_with_the_matching_reference():
     assert ratios["tiny.ckpt_memory_saving"] == pytest.approx(2.0)
 
 
+def test_train_ratios_pair_the_rounds_so_a_slow_round_hits_both_sides():
+    import bench_train
+
+    def row(path, variant, rounds):
+        runs = [{"wall": [step] * 4, "cpu": [step] * 4, "peak_mib": 1.0, "peak_delta_mib": 1.0, "memory_kind": "rss"}
+                for step in rounds]
+        setup = bench_train.Setup("tiny", 64, 8, 1, 4, Path("."), True, "32")
+        return bench_train.summarise(setup, bench_train.Variant(variant, path), runs)
+
+    # the machine slowed 3x during round 2, after the reference's turn; pooled medians would say 0.37x
+    reference, ours = row("reference", "reference", [1.0, 1.0, 3.0]), row("ours", "ours", [0.9, 2.7, 2.7])
+    bench_train.compare([reference, ours])
+    assert ours["round_step_s"] == [0.9, 2.7, 2.7]
+    assert ours["images_per_s"] / reference["images_per_s"] == pytest.approx(1 / 2.7)
+    assert ours["vs_reference"] == pytest.approx(1 / 0.9)  # the median of 1.11, 0.37 and 1.11
+    # a variant that missed a round cannot be paired: the pooled medians decide
+    partial = row("ours", "ours+cache", [0.5, 0.5])
+    bench_train.compare([reference, partial])
+    assert partial["vs_reference"] == pytest.approx(partial["images_per_s"] / reference["images_per_s"])
+
+
 def test_full_size_run_is_skipped_without_the_memory(tmp_path):
     import bench_train
 

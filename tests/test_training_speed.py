@@ -90,9 +90,23 @@ def test_channels_last_gives_the_same_loss(model_cache):
     batch = collate(toy_items(tiny(model_cache), n=2))
     plain = Text2ImageModule(tiny(model_cache), adamw())
     nhwc = Text2ImageModule(tiny(model_cache), adamw(), channels_last=True)
-    weight = next(w for w in nhwc.unet.parameters() if w.ndim == 4)
-    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv_weight(nhwc.unet).is_contiguous(memory_format=torch.channels_last)
     assert losses(nhwc, batch) == pytest.approx(losses(plain, batch), rel=1e-4, abs=1e-6)
+
+
+def conv_weight(module: torch.nn.Module) -> torch.Tensor:
+    return next(w for w in module.parameters() if w.ndim == 4)
+
+
+def test_the_default_frozen_vae_is_channels_last_and_encodes_pixels_to_the_same_loss(model_cache):
+    batch = collate(toy_items(tiny(model_cache), n=2))
+    default = Text2ImageModule(tiny(model_cache), adamw())
+    nchw = Text2ImageModule(tiny(model_cache), adamw(), vae_channels_last=False)
+    assert "pixel_values" in batch and "latent_mean" not in batch  # the VAE encodes in every loss below
+    assert conv_weight(default.vae).is_contiguous(memory_format=torch.channels_last)
+    assert not conv_weight(nchw.vae).is_contiguous(memory_format=torch.channels_last)
+    assert conv_weight(default.unet).is_contiguous()  # the trained UNet keeps its layout unless channels_last
+    assert losses(default, batch) == pytest.approx(losses(nchw, batch), rel=1e-4, abs=1e-6)
 
 
 def test_the_text_to_image_default_trains_from_the_latent_cache(tmp_path):

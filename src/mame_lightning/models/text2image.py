@@ -75,6 +75,7 @@ class Text2ImageModule(L.LightningModule):
         lora: Mapping | None = None,
         cache_text_embeddings: bool = True,
         channels_last: bool = False,
+        vae_channels_last: bool = True,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -107,7 +108,7 @@ class Text2ImageModule(L.LightningModule):
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
         set_attention_backend(self.unet, attention_backend)
-        self.setup_speed(channels_last, cache_text_embeddings)
+        self.setup_speed(channels_last, vae_channels_last, cache_text_embeddings)
         self.ema = build_ema(self.unet, ema) if self.hparams.train_unet else None
         self.skipped_steps = 0  # micro-batches skipped for a non-finite loss (nonfinite=skip)
         self.attempted_steps = 0  # micro-batches trained on or skipped
@@ -116,10 +117,12 @@ class Text2ImageModule(L.LightningModule):
         self._micro_step: int | None = None
         self._micro_index = 0
 
-    def setup_speed(self, channels_last: bool, cache_text_embeddings: bool) -> None:
+    def setup_speed(self, channels_last: bool, vae_channels_last: bool, cache_text_embeddings: bool) -> None:
         """Switches that change how fast a step runs, not what it computes (models/acceleration.py)."""
         if channels_last:
             use_channels_last(self.unet, self.vae)
+        elif vae_channels_last:  # the frozen encoder only: pixel batches and the latent cache encode faster
+            use_channels_last(self.vae)
         frozen_encoder = cache_text_embeddings and not self.hparams.train_text_encoder
         self.prompt_cache = PromptEmbeddingCache(self.frozen_prompt_hidden) if frozen_encoder else None
         self._empty_ids: dict[tuple[int, str], torch.Tensor] = {}
