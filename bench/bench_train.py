@@ -2,8 +2,9 @@
 
 Same model, data, batch, precision and optimizer on both sides; warm-up steps excluded. Variants:
 the latent cache on/off (ours), gradient checkpointing on/off, AdamW vs 8-bit AdamW, LoRA (lora=unet, rank 4)
-vs full fine-tuning. Run on the tiny model and on SD v1.5's full-size architecture (random weights, built once
-under the cache).
+vs full fine-tuning, the memory layout (channels-last UNet; the frozen VAE in NCHW instead of the default NHWC).
+Speed ratios are paired by round (`paired_ratio`). Run on the tiny model and on SD v1.5's full-size
+architecture (random weights, built once under the cache).
 
     python bench/bench_train.py [--model tiny|sd15_arch|both] [--device cuda] [--quick]
 """

@@ -1,8 +1,8 @@
 """Speed switches of a training run that leave its arithmetic alone: the attention kernel and the memory
 layout of the convolutions.
 
-Each is a config key of task.module (attention_backend, channels_last); `make bench` measures what they
-buy on the machine at hand. torch.compile of the UNet is not offered for training: on torch 2.13's CPU
+Each is a config key of task.module (attention_backend, channels_last, vae_channels_last); `make bench`
+measures what they buy on the machine at hand. torch.compile of the UNet is not offered for training: on torch 2.13's CPU
 inductor the compiled UNet's backward returned gradients that differ from eager ones (docs/benchmarks.md).
 """
 
