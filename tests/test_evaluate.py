@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from omegaconf import OmegaConf
 from torch import nn
 
 from helpers.generation import breast_image
-from mame_lightning import evaluate
+from mame_lightning import CONF_DIR, evaluate
 from mame_lightning.eval.msssim import pairwise_ms_ssim, read_guidance_sweep_csv
 from mame_lightning.pipelines.generation import GenerationSettings, text2image
 from mame_lightning.pipelines.marking import is_marked_synthetic, save_png
@@ -26,6 +27,7 @@ from mame_lightning.runs.evaluation.inputs import (attribute_combinations, model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+EVALUATE_BATCH = int(OmegaConf.load(Path(CONF_DIR) / "evaluate.yaml").batch_size)
 FAST = ["guidance.steps=2", "guidance.images_per_prompt=3", "device=cpu", "progress=false"]
 SIDECAR = {"task": "text2image", "templates": {"text2image": "a mammogram in {view} view with {area} area"},
            "attributes": {"views": ["CC", "MLO"], "areas": ["small", "medium", "big"]}, "prepare_size": 64}
@@ -90,12 +92,13 @@ def test_sweep_csv_has_a_row_per_prompt_and_scale_matching_a_fresh_generation(sw
     for row in rows:
         assert 0.0 <= row["ms_ssim_mean"] <= 1.0 and 0.0 <= row["ms_ssim_std"] <= 1.0
         assert row["n"] == 3 and int(row["pairs"]) == 3 and row["seconds_per_image"] > 0
-    # the cell is the MS-SSIM of images drawn with seeds 0, 1, 2 at that scale
+    # the cell is the MS-SSIM of images drawn with seeds 0, 1, 2 at that scale, in the evaluation's batches
+    # (conf/evaluate.yaml batch_size: one-by-one draws agree within a grey level, not bit for bit, on every CPU)
     from mame_lightning.pipelines.loading import load_model
 
     model = load_model(eval_dir, device="cpu")
-    images = [r.image for r in text2image(model, PROMPTS[1], 3, GenerationSettings(guidance=8.0, steps=2, seed=0,
-                                                                                   progress=False))]
+    settings = GenerationSettings(guidance=8.0, steps=2, seed=0, progress=False, batch_size=EVALUATE_BATCH)
+    images = [r.image for r in text2image(model, PROMPTS[1], 3, settings)]
     cell = next(r for r in rows if r["prompt"] == PROMPTS[1] and r["guidance"] == 8.0)
     assert cell["ms_ssim_mean"] == pytest.approx(pairwise_ms_ssim(images, progress=False).mean, abs=1e-6)
     # the sample grid's second row holds the same images
