@@ -39,7 +39,9 @@ def test_text2image_export_loads_in_diffusers_and_generates(model_cache, tmp_pat
         exported, live = getattr(pipe, name).state_dict(), getattr(m, name).state_dict()
         assert all(v.dtype == torch.float32 for v in exported.values()), name
         assert all(torch.equal(exported[k], live[k].float()) for k in live), name
-    assert m.vae.dtype == torch.float16  # the live frozen VAE went back to its dtype
+    assert m.vae.dtype == torch.float16  # the live frozen VAE went back to its dtype ...
+    conv = next(w for w in m.vae.parameters() if w.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # ... and kept its layout (vae_channels_last)
 
     pipe.set_progress_bar_config(disable=True)
     image = pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]

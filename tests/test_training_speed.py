@@ -86,16 +86,16 @@ def test_the_shipped_adamw_is_fused_and_steps_like_the_per_tensor_default():
         torch.testing.assert_close(w, t, rtol=1e-5, atol=1e-7)
 
 
+def conv_weight(module: torch.nn.Module) -> torch.Tensor:
+    return next(w for w in module.parameters() if w.ndim == 4)
+
+
 def test_channels_last_gives_the_same_loss(model_cache):
     batch = collate(toy_items(tiny(model_cache), n=2))
     plain = Text2ImageModule(tiny(model_cache), adamw())
     nhwc = Text2ImageModule(tiny(model_cache), adamw(), channels_last=True)
     assert conv_weight(nhwc.unet).is_contiguous(memory_format=torch.channels_last)
     assert losses(nhwc, batch) == pytest.approx(losses(plain, batch), rel=1e-4, abs=1e-6)
-
-
-def conv_weight(module: torch.nn.Module) -> torch.Tensor:
-    return next(w for w in module.parameters() if w.ndim == 4)
 
 
 def test_the_default_frozen_vae_is_channels_last_and_encodes_pixels_to_the_same_loss(model_cache):
@@ -105,7 +105,7 @@ def test_the_default_frozen_vae_is_channels_last_and_encodes_pixels_to_the_same_
     assert "pixel_values" in batch and "latent_mean" not in batch  # the VAE encodes in every loss below
     assert conv_weight(default.vae).is_contiguous(memory_format=torch.channels_last)
     assert not conv_weight(nchw.vae).is_contiguous(memory_format=torch.channels_last)
-    assert conv_weight(default.unet).is_contiguous()  # the trained UNet keeps its layout unless channels_last
+    assert conv_weight(default.unet).is_contiguous()  # the UNet's weights keep their layout unless channels_last
     assert losses(default, batch) == pytest.approx(losses(nchw, batch), rel=1e-4, abs=1e-6)
 
 

@@ -2,8 +2,9 @@
 layout of the convolutions.
 
 Each is a config key of task.module (attention_backend, channels_last, vae_channels_last); `make bench`
-measures what they buy on the machine at hand. torch.compile of the UNet is not offered for training: on torch 2.13's CPU
-inductor the compiled UNet's backward returned gradients that differ from eager ones (docs/benchmarks.md).
+measures what they buy on the machine at hand. torch.compile of the UNet is not offered for training: on
+torch 2.13's CPU inductor the compiled UNet's backward returned gradients that differ from eager ones
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
